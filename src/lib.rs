@@ -1,0 +1,305 @@
+//! ficus: a reverse proxy for strangler-fig migrations.
+//!
+//! A request flows through the modules in this order (see `docs/flow.md`):
+//! `server` (accept, TLS, HTTP/1.1 + HTTP/2) -> `proxy` (the exchange) -> `route` (pure
+//! matching over the `rules` snapshot) -> `upstream` (pooled clients) -> back to the client.
+//! [`Ficus::start`] wires them together; the binary and the tests share it.
+
+pub mod admin;
+pub mod demo;
+pub mod proxy;
+pub mod route;
+pub mod rules;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, UNIX_EPOCH};
+
+use http::Uri;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use admin::AdminState;
+use proxy::Proxy;
+use rules::Diagnostic;
+
+/// Everything `ficus serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub rules: PathBuf,
+    pub legacy: Uri,
+    pub new: Uri,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    /// Extra CA certificates trusted for `https://` upstreams.
+    pub upstream_ca: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    /// How long in-flight requests may take to finish after shutdown starts.
+    pub shutdown_timeout: Duration,
+    /// Reload the rules when files under `rules` change.
+    pub watch_rules: bool,
+}
+
+impl Config {
+    /// Defaults for everything but the three required settings.
+    pub fn new(rules: impl Into<PathBuf>, legacy: Uri, new: Uri) -> Config {
+        Config {
+            rules: rules.into(),
+            legacy,
+            new,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            tls: None,
+            upstream_ca: None,
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+            watch_rules: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid rules:\n{}", render(.0))]
+    Rules(Vec<Diagnostic>),
+    #[error("bad --{flag} URL: {message}; hint: {hint}")]
+    UpstreamUrl {
+        flag: &'static str,
+        message: String,
+        hint: String,
+    },
+    #[error(transparent)]
+    Listen(#[from] std::io::Error),
+    #[error("listener TLS: {0}")]
+    Tls(#[from] server::TlsConfigError),
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(#[from] upstream::TlsSetupError),
+    #[error("cannot watch the rules path: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+fn render(diags: &[Diagnostic]) -> String {
+    diags
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A running ficus: proxy and admin listeners, rules watch.
+pub struct Ficus {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    config: Config,
+    proxy: Arc<Proxy>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    admin: JoinHandle<()>,
+    _watch: Option<rules::watch::RulesWatch>,
+}
+
+impl Ficus {
+    /// Loads the rules, binds both listeners and starts serving. Fails before serving
+    /// anything if the rules are invalid or an address cannot be bound.
+    pub async fn start(config: Config) -> Result<Ficus, StartError> {
+        // The first user of rustls picks the provider; ficus uses ring everywhere.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        for (flag, uri) in [("legacy", &config.legacy), ("new", &config.new)] {
+            rules::parse_upstream_url(&uri.to_string()).map_err(|(message, hint)| {
+                StartError::UpstreamUrl {
+                    flag,
+                    message,
+                    hint,
+                }
+            })?;
+        }
+        let loaded = rules::load(&config.rules).map_err(StartError::Rules)?;
+        for w in &loaded.warnings {
+            warn!("{w}");
+        }
+        let route_count = loaded.rules.routes.len();
+        record_load_time(&loaded.rules);
+        let clients =
+            upstream::ClientCache::new(config.upstream_ca.as_deref(), config.pool_idle_timeout)?;
+        let defaults = upstream::Defaults {
+            legacy: config.legacy.clone(),
+            new: config.new.clone(),
+            connect_timeout: config.connect_timeout,
+            timeout: config.upstream_timeout,
+            pool_idle_timeout: config.pool_idle_timeout,
+        };
+        let proxy = Arc::new(Proxy::new(loaded.rules, clients, defaults));
+        let tls = match &config.tls {
+            Some(files) => Some(server::tls_acceptor(&files.cert, &files.key)?),
+            None => None,
+        };
+
+        let listener = server::bind(config.listen, "proxy").await?;
+        let admin_listener = server::bind(config.admin_listen, "admin").await?;
+        let proxy_addr = listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let state = Arc::new(AdminState {
+            proxy: proxy.clone(),
+            ready: false.into(),
+        });
+        let mut admin_shutdown = shutdown_rx.clone();
+        let app = admin::router(state.clone());
+        let admin = tokio::spawn(async move {
+            let stop = async move {
+                let _ = admin_shutdown.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = axum::serve(admin_listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                error!(error = %e, "admin listener failed");
+            }
+        });
+        let server = tokio::spawn(server::serve(
+            listener,
+            tls,
+            proxy.clone(),
+            shutdown_rx,
+            config.shutdown_timeout,
+        ));
+
+        let watch = if config.watch_rules {
+            let proxy = proxy.clone();
+            let path = config.rules.clone();
+            Some(rules::watch::spawn(&config.rules, move || {
+                let _ = reload(&proxy, &path);
+            })?)
+        } else {
+            None
+        };
+        // Rules are loaded and the listener is bound (the kernel queues connections already).
+        state.ready.store(true, Ordering::Release);
+        info!(
+            listen = %proxy_addr,
+            admin = %admin_addr,
+            routes = route_count,
+            legacy = %config.legacy,
+            new = %config.new,
+            tls = config.tls.is_some(),
+            "ficus is serving"
+        );
+        Ok(Ficus {
+            proxy_addr,
+            admin_addr,
+            config,
+            proxy,
+            shutdown,
+            server,
+            admin,
+            _watch: watch,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// Reloads the rules now (what SIGHUP does). On error the rules in force stay.
+    pub fn reload(&self) -> Result<usize, Vec<Diagnostic>> {
+        reload(&self.proxy, &self.config.rules)
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout), returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        let _ = self.admin.await;
+        info!("ficus stopped");
+    }
+}
+
+/// Loads the rules at `path` and publishes them; logs and counts the outcome.
+fn reload(proxy: &Proxy, path: &std::path::Path) -> Result<usize, Vec<Diagnostic>> {
+    match rules::load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                warn!("{w}");
+            }
+            let count = loaded.rules.routes.len();
+            record_load_time(&loaded.rules);
+            proxy.install(loaded.rules);
+            metrics::counter!(telemetry::RULES_RELOADS_TOTAL, "result" => "ok").increment(1);
+            info!(routes = count, "rules reloaded");
+            Ok(count)
+        }
+        Err(errors) => {
+            metrics::counter!(telemetry::RULES_RELOADS_TOTAL, "result" => "error").increment(1);
+            error!(
+                errors = errors.iter().filter(|d| d.is_error()).count(),
+                "rules rejected, the previous rules stay in force"
+            );
+            for e in &errors {
+                error!("{e}");
+            }
+            Err(errors)
+        }
+    }
+}
+
+fn record_load_time(rules: &rules::RuleSet) {
+    let at = rules
+        .loaded_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    metrics::gauge!(telemetry::RULES_LOADED_TIMESTAMP_SECONDS).set(at);
+}
+
+/// Runs until SIGTERM or Ctrl-C, reloading the rules on SIGHUP, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let ficus = Ficus::start(config).await?;
+    wait_for_signals(&ficus).await;
+    ficus.shutdown().await;
+    Ok(())
+}
+
+/// Returns on SIGTERM or SIGINT; reloads on SIGHUP meanwhile.
+pub async fn wait_for_signals(ficus: &Ficus) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        warn!("cannot install signal handlers; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); return; }
+            _ = tokio::signal::ctrl_c() => { info!("interrupted: shutting down"); return; }
+            _ = hup.recv() => { info!("SIGHUP: reloading rules"); let _ = ficus.reload(); }
+        }
+    }
+}

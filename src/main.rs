@@ -1,0 +1,375 @@
+//! The `ficus` command: serve, rules check / explain, demo. Start-up and exit codes live here.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+
+use ficus::route::{self, RequestHead};
+use ficus::rules::{self, Severity};
+use ficus::telemetry::{self, LogFormat};
+use ficus::{Config, TlsFiles};
+
+/// ficus: a reverse proxy for strangler-fig migrations.
+///
+/// ficus stands in front of a legacy HTTP system and routes each request, by rules kept in
+/// git, to the side that is authoritative for it: legacy or new.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "FICUS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `warn,ficus=debug`).
+    /// `ficus::access=off` silences the per-request line.
+    #[arg(long, global = true, env = "FICUS_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy in front of the legacy and new upstreams.
+    Serve(Box<ServeArgs>),
+    /// Validate and explain routing rules.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// Start two example backends and ficus in front of them, and show what to try.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Routing rules: a TOML file or a directory of *.toml files (reloaded when they change).
+    #[arg(long, env = "FICUS_RULES", value_name = "PATH")]
+    rules: PathBuf,
+    /// URL of the legacy system, e.g. http://legacy:8080.
+    #[arg(long, env = "FICUS_LEGACY", value_name = "URL")]
+    legacy: Uri,
+    /// URL of the new system.
+    #[arg(long, env = "FICUS_NEW", value_name = "URL")]
+    new: Uri,
+    #[command(flatten)]
+    listen: ListenArgs,
+    /// PEM certificate chain: serve HTTPS (with HTTP/2 by ALPN) on --listen.
+    #[arg(
+        long,
+        env = "FICUS_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(
+        long,
+        env = "FICUS_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Extra PEM CA certificates to trust for https:// upstreams (besides the system and
+    /// webpki roots).
+    #[arg(long, env = "FICUS_UPSTREAM_CA", value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
+    /// Time allowed to connect to an upstream (rules may override per upstream).
+    #[arg(long, env = "FICUS_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Time allowed until an upstream's response head arrives (rules may override).
+    #[arg(long, env = "FICUS_UPSTREAM_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    upstream_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "FICUS_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
+    /// Do not watch the rules path (reload on SIGHUP only).
+    #[arg(long, env = "FICUS_NO_WATCH")]
+    no_watch: bool,
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    /// Address of the proxy listener.
+    #[arg(
+        long,
+        env = "FICUS_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    listen: SocketAddr,
+    /// Address of the admin listener (/healthz, /readyz).
+    #[arg(
+        long,
+        env = "FICUS_ADMIN_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9901"
+    )]
+    admin_listen: SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Check rules; print every error and warning as FILE:LINE:COL; exit 1 on errors.
+    Check {
+        /// A TOML file or a directory of *.toml files.
+        path: PathBuf,
+    },
+    /// Show which route a request matches, and why each other route does not.
+    Explain {
+        /// A TOML file or a directory of *.toml files.
+        path: PathBuf,
+        /// Request method, e.g. GET.
+        method: String,
+        /// Request URL (http://host/path?query) or path (/path?query).
+        url: String,
+        /// Request header, as 'name: value' (repeatable).
+        #[arg(short = 'H', long = "header", value_name = "HEADER")]
+        headers: Vec<String>,
+        /// Client IP, for canaries keyed by client-ip.
+        #[arg(long, default_value = "127.0.0.1")]
+        client_ip: IpAddr,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    listen: ListenArgs,
+    /// Rules to use (default: ./routing-rules if present, else the built-in examples).
+    #[arg(long, value_name = "PATH")]
+    rules: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Commands that print reports keep stderr for real problems only.
+    let filter = match cli.command {
+        Command::Rules(_) => "warn",
+        _ => cli.log.as_str(),
+    };
+    if let Err(e) = telemetry::init(cli.log_format, filter) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Serve(args) => serve(*args),
+        Command::Rules(RulesCommand::Check { path }) => return check(&path),
+        Command::Rules(RulesCommand::Explain {
+            path,
+            method,
+            url,
+            headers,
+            client_ip,
+        }) => explain(&path, &method, &url, &headers, client_ip),
+        Command::Demo(args) => demo(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = Config::new(args.rules, args.legacy, args.new);
+    config.listen = args.listen.listen;
+    config.admin_listen = args.listen.admin_listen;
+    config.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        _ => None,
+    };
+    config.upstream_ca = args.upstream_ca;
+    config.connect_timeout = args.connect_timeout;
+    config.upstream_timeout = args.upstream_timeout;
+    config.shutdown_timeout = args.shutdown_timeout;
+    config.watch_rules = !args.no_watch;
+    runtime()?.block_on(ficus::run(config))?;
+    Ok(())
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let (diags, routes) = match rules::load(path) {
+        Ok(loaded) => (loaded.warnings, Some(loaded.rules.routes.len())),
+        Err(errors) => (errors, None),
+    };
+    for d in &diags {
+        println!("{d}");
+    }
+    let errors = diags
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    let warnings = diags.len() - errors;
+    match routes {
+        Some(n) => {
+            println!("ok: {n} routes, {warnings} warnings");
+            ExitCode::SUCCESS
+        }
+        None => {
+            println!("failed: {errors} errors, {warnings} warnings");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(
+    path: &std::path::Path,
+    method: &str,
+    url: &str,
+    header_args: &[String],
+    client_ip: IpAddr,
+) -> Result<()> {
+    let loaded = rules::load(path).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("invalid rules:\n{}", lines.join("\n"))
+    })?;
+    let rules = loaded.rules;
+    let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .with_context(|| format!("bad method `{method}`"))?;
+    let uri: Uri = url.parse().with_context(|| format!("bad URL `{url}`"))?;
+    let mut headers = HeaderMap::new();
+    for h in header_args {
+        let Some((name, value)) = h.split_once(':') else {
+            bail!("bad header `{h}`: write -H 'name: value'");
+        };
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .with_context(|| format!("bad header name in `{h}`"))?;
+        let value = HeaderValue::from_str(value.trim())
+            .with_context(|| format!("bad header value in `{h}`"))?;
+        headers.append(name, value);
+    }
+    let head = RequestHead::new(&method, &uri, &headers, client_ip);
+    let ex = route::explain(&rules, &head);
+    let d = ex.decision;
+    let at = d
+        .route
+        .location
+        .as_ref()
+        .map_or("built-in".to_string(), ToString::to_string);
+    println!(
+        "{method} {} host={} client-ip={client_ip}",
+        uri.path_and_query().map_or("/", |p| p.as_str()),
+        head.host.unwrap_or("-"),
+    );
+    println!(
+        "route: {} ({at}), priority {}",
+        d.route.name,
+        if d.route.location.is_some() {
+            d.route.priority.to_string()
+        } else {
+            "-".into()
+        }
+    );
+    let upstream = &rules.upstreams[d.authority_upstream()].name;
+    println!("authority: {} (upstream {upstream})", d.authority);
+    if let (Some(canary), Some(position)) = (&d.route.canary, ex.cohort) {
+        match position {
+            Some(pos) => println!(
+                "canary: {}% by {}; this key is at {:.2}%, so it {} {}",
+                canary.percent,
+                canary.key,
+                pos * 100.0,
+                if d.canaried { "moves to" } else { "stays on" },
+                d.authority
+            ),
+            None => println!(
+                "canary: {}% by {}; the request has no such key, so it stays on {}",
+                canary.percent, canary.key, d.authority
+            ),
+        }
+    }
+    if let Some(shadow) = &d.route.shadow {
+        println!(
+            "shadow: {} of requests to {} (writes {})",
+            shadow.sample,
+            d.authority.other(),
+            if shadow.writes {
+                "mirrored"
+            } else {
+                "not mirrored"
+            }
+        );
+    }
+    if d.route.location.is_none() {
+        println!("no route matches: the request passes through to legacy untouched");
+    }
+    println!("routes in precedence order:");
+    let width = ex
+        .routes
+        .iter()
+        .map(|(r, _)| r.name.len())
+        .max()
+        .unwrap_or(0);
+    for (r, why) in &ex.routes {
+        let verdict = if std::ptr::eq(*r, d.route) {
+            "matches (selected)".to_string()
+        } else if why.is_empty() {
+            format!(
+                "matches, but `{}` comes first (priority {} vs {})",
+                d.route.name, d.route.priority, r.priority
+            )
+        } else {
+            format!("no: {}", why.join("; "))
+        };
+        println!("  {:width$}  {verdict}", r.name);
+    }
+    Ok(())
+}
+
+fn demo(args: DemoArgs) -> Result<()> {
+    runtime()?.block_on(async move {
+        let legacy = ficus::demo::start_backend(rules::Side::Legacy).await?;
+        let new = ficus::demo::start_backend(rules::Side::New).await?;
+        let rules_path = match args.rules {
+            Some(p) => p,
+            None => ficus::demo::rules_dir()?,
+        };
+        let mut config = Config::new(
+            rules_path.clone(),
+            format!("http://{legacy}").parse()?,
+            format!("http://{new}").parse()?,
+        );
+        config.listen = args.listen.listen;
+        config.admin_listen = args.listen.admin_listen;
+        let running = ficus::Ficus::start(config).await?;
+        let p = running.proxy_addr();
+        println!(
+            "\nficus demo\n\
+             \x20 proxy     http://{p}\n\
+             \x20 admin     http://{admin}/readyz\n\
+             \x20 legacy    http://{legacy}  (example backend)\n\
+             \x20 new       http://{new}  (example backend; differs a little)\n\
+             \x20 rules     {rules}  (edit a file: ficus reloads it live)\n\n\
+             Try (the x-backend response header says which side answered):\n\
+             \x20 curl -i http://{p}/api/orders/42                     # orders-read: legacy is the authority\n\
+             \x20 curl -i http://{p}/api/customers/7                   # customers: new is the authority\n\
+             \x20 curl -i -H 'x-customer-id: 1001' http://{p}/api/catalog/lamp   # canary: 25% of customers get new\n\
+             \x20 curl -i http://{p}/anything/else                     # no rule matches: default route to legacy\n\
+             \x20 ficus rules explain {rules} GET http://{p}/api/catalog/lamp -H 'x-customer-id: 1001'\n\n\
+             Ctrl-C stops.",
+            admin = running.admin_addr(),
+            rules = rules_path.display(),
+        );
+        ficus::wait_for_signals(&running).await;
+        running.shutdown().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,129 @@
+//! Errors of one exchange, tagged with who failed, and the single place that turns them into
+//! the client's response (a small JSON body naming route, side and upstream).
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+
+use crate::rules::Side;
+use crate::upstream::{Body, BoxError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot connect to the {side} upstream: {source}")]
+    Connect { side: Side, source: BoxError },
+    #[error("connecting to the {side} upstream timed out")]
+    ConnectTimeout { side: Side },
+    #[error("the {side} upstream sent no response within {timeout:?}")]
+    Timeout { side: Side, timeout: Duration },
+    #[error("the {side} upstream failed: {source}")]
+    Upstream { side: Side, source: BoxError },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    /// Classifies a client error from hyper-util by walking its source chain.
+    pub fn from_client(side: Side, e: hyper_util::client::legacy::Error) -> ProxyError {
+        if e.is_connect() {
+            let mut source = e.source();
+            while let Some(s) = source {
+                if let Some(io) = s.downcast_ref::<std::io::Error>()
+                    && io.kind() == std::io::ErrorKind::TimedOut
+                {
+                    return ProxyError::ConnectTimeout { side };
+                }
+                source = s.source();
+            }
+            return ProxyError::Connect {
+                side,
+                source: Box::new(e),
+            };
+        }
+        ProxyError::Upstream {
+            side,
+            source: Box::new(e),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ConnectTimeout { .. } | ProxyError::Timeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Stable, machine-readable error code for the JSON body and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Connect { .. } => "upstream_unavailable",
+            ProxyError::ConnectTimeout { .. } => "upstream_connect_timeout",
+            ProxyError::Timeout { .. } => "upstream_timeout",
+            ProxyError::Upstream { .. } => "upstream_error",
+            ProxyError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    fn side(&self) -> Option<Side> {
+        match self {
+            ProxyError::Connect { side, .. }
+            | ProxyError::ConnectTimeout { side }
+            | ProxyError::Timeout { side, .. }
+            | ProxyError::Upstream { side, .. } => Some(*side),
+            ProxyError::BadRequest(_) => None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'static str,
+    message: String,
+    route: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    side: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<&'a str>,
+    request_id: &'a str,
+}
+
+/// The client's response for a failed exchange.
+pub fn rescue(
+    err: &ProxyError,
+    route: &str,
+    upstream: Option<&str>,
+    request_id: &HeaderValue,
+) -> Response<Body> {
+    let body = ErrorBody {
+        error: err.code(),
+        message: err.to_string(),
+        route,
+        side: err.side().map(Side::as_str),
+        upstream,
+        request_id: request_id.to_str().unwrap_or_default(),
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(full(Bytes::from(json)));
+    *resp.status_mut() = err.status();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(super::headers::X_REQUEST_ID.clone(), request_id.clone());
+    resp
+}
+
+/// A complete body as the shared body type.
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}

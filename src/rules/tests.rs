@@ -1,0 +1,308 @@
+use super::*;
+
+fn load_one(text: &str) -> Result<Loaded, Vec<Diagnostic>> {
+    load_sources(vec![("r.toml".into(), text.to_string())], &|name| {
+        (name == "ORDERS_URL").then(|| "http://orders:7001".to_string())
+    })
+}
+
+fn errors(text: &str) -> Vec<String> {
+    load_one(text)
+        .expect_err("rules should be rejected")
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn full_example_loads() {
+    let loaded = load_one(
+        r#"
+[upstreams]
+orders-svc = "${ORDERS_URL}"
+billing = { url = "${BILLING_URL:-https://billing.internal}", timeout = "5s" }
+legacy = { connect_timeout = "300ms" }
+
+[[route]]
+name = "orders-read"
+priority = 10
+authority = "legacy"
+new = "orders-svc"
+[route.match]
+path = "/api/orders/{id}"
+methods = ["GET", "head"]
+headers = { "X-Tenant" = "acme" }
+query = { "v" = "2" }
+host = "shop.example.com"
+[route.canary]
+percent = 5
+key = "header:x-customer-id"
+[route.shadow]
+sample = 0.5
+[route.compare]
+ignore = ["/meta/generated_at", "/items/*/etag", "/**/trace_id"]
+headers = ["content-type"]
+"#,
+    )
+    .unwrap();
+    let rules = loaded.rules;
+    assert!(loaded.warnings.is_empty());
+    let r = &rules.routes[0];
+    assert_eq!(&*r.name, "orders-read");
+    assert_eq!(&*rules.upstreams[r.new].name, "orders-svc");
+    assert_eq!(
+        rules.upstreams[r.new].url.as_ref().unwrap().to_string(),
+        "http://orders:7001/"
+    );
+    assert_eq!(r.methods.as_ref().unwrap(), &[Method::GET, Method::HEAD]);
+    assert_eq!(r.headers[0].0, "x-tenant");
+    assert_eq!(r.canary.as_ref().unwrap().percent, 5.0);
+    assert_eq!(
+        rules.upstreams[LEGACY_UPSTREAM].connect_timeout,
+        Some(Duration::from_millis(300))
+    );
+    let billing = rules
+        .upstreams
+        .iter()
+        .find(|u| &*u.name == "billing")
+        .unwrap();
+    assert_eq!(
+        billing.url.as_ref().unwrap().host(),
+        Some("billing.internal")
+    );
+    assert_eq!(billing.timeout, Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn errors_carry_file_line_column_and_hint() {
+    let errs = errors("[[route]]\nname = \"a\"\n[route.match]\npathh = \"/x\"\n");
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("r.toml:4:1: error: unknown field `pathh`"),
+        "{}",
+        errs[0]
+    );
+    assert!(errs[0].contains("hint:"));
+}
+
+#[test]
+fn every_error_is_reported_not_just_the_first() {
+    let errs = errors(
+        r#"
+[[route]]
+name = "a"
+authority = "newer"
+[route.match]
+path = "/a/{id"
+[route.canary]
+percent = 101
+[[route]]
+name = "a"
+new = "nope"
+"#,
+    );
+    let joined = errs.join("\n");
+    assert!(
+        joined.contains("r.toml:4:13: error: unknown authority `newer`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("r.toml:6:8: error: bad template segment `{id`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("r.toml:8:11: error: canary percent 101 is outside 0..100"),
+        "{joined}"
+    );
+    assert!(
+        joined
+            .contains("r.toml:10:8: error: duplicate route name `a`, first defined at r.toml:3:8"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("r.toml:11:7: error: unknown upstream `nope`"),
+        "{joined}"
+    );
+    assert_eq!(errs.len(), 5, "{joined}");
+}
+
+#[test]
+fn rejects_bad_values_with_hints() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[upstreams]\nx = \"${NOPE}\"\n",
+            "environment variable `NOPE` is not set",
+        ),
+        (
+            "[upstreams]\nx = \"ftp://h\"\n",
+            "must be http:// or https://",
+        ),
+        (
+            "[upstreams]\nx = \"http://h/base\"\n",
+            "has a path or query",
+        ),
+        (
+            "[upstreams]\nlegacy = \"http://h\"\n",
+            "comes from --legacy",
+        ),
+        ("[upstreams]\nx = { timeout = \"5s\" }\n", "has no URL"),
+        (
+            "[upstreams]\nx = { url = \"http://h\", timeout = \"soon\" }\n",
+            "bad duration",
+        ),
+        ("[upstreams]\nx = 5\n", "an upstream"),
+        ("[[route]]\nname = \"default\"\n", "built-in route"),
+        ("[[route]]\nname = \"a b\"\n", "bad route name"),
+        (
+            "[[route]]\nname = \"a\"\n[route.match]\npath = \"/a\"\npath_prefix = \"/b\"\n",
+            "exclusive",
+        ),
+        (
+            "[[route]]\nname = \"a\"\n[route.match]\nmethods = []\n",
+            "`methods` is empty",
+        ),
+        (
+            "[[route]]\nname = \"a\"\n[route.match]\nhost = \"a.com:80\"\n",
+            "bad host",
+        ),
+        (
+            "[[route]]\nname = \"a\"\n[route.canary]\npercent = 5\nkey = \"ip\"\n",
+            "bad key `ip`",
+        ),
+        (
+            "[[route]]\nname = \"a\"\n[route.shadow]\nsample = 2.0\n",
+            "outside 0..1",
+        ),
+        (
+            "[[route]]\nname = \"a\"\n[route.compare]\nignore = [\"meta\"]\n",
+            "bad ignore path",
+        ),
+        ("[[route]]\npriority = 1\n", "missing field `name`"),
+        ("[[route]\nname = \"a\"\n", "r.toml:1:"),
+    ];
+    for (text, want) in cases {
+        let errs = errors(text).join("\n");
+        assert!(errs.contains(want), "{text:?}: want {want:?} in {errs}");
+        assert!(errs.contains("r.toml:"), "{errs}");
+    }
+}
+
+#[test]
+fn precedence_is_priority_then_order_of_appearance_across_files() {
+    let loaded = load_sources(
+        vec![
+            (
+                "a.toml".into(),
+                "[[route]]\nname = \"a1\"\n[[route]]\nname = \"a2\"\npriority = 5\n".into(),
+            ),
+            (
+                "b.toml".into(),
+                "[[route]]\nname = \"b1\"\npriority = 5\n[upstreams]\nx = \"http://x\"\n".into(),
+            ),
+        ],
+        &|_| None,
+    )
+    .unwrap();
+    let names: Vec<&str> = loaded.rules.routes.iter().map(|r| &*r.name).collect();
+    assert_eq!(names, ["a2", "b1", "a1"]);
+    assert!(
+        loaded
+            .rules
+            .routes
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.rank as usize == i)
+    );
+}
+
+#[test]
+fn duplicate_names_across_files_are_rejected() {
+    let errs = load_sources(
+        vec![
+            ("a.toml".into(), "[[route]]\nname = \"x\"\n".into()),
+            ("b.toml".into(), "[[route]]\nname = \"x\"\n".into()),
+        ],
+        &|_| None,
+    )
+    .unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].location.file.to_str(), Some("b.toml"));
+    assert!(errs[0].message.contains("first defined at a.toml:2:8"));
+}
+
+#[test]
+fn warns_about_unreachable_and_overlapping_routes() {
+    let loaded = load_one(
+        r#"
+[[route]]
+name = "api"
+priority = 10
+[route.match]
+path_prefix = "/api/"
+
+[[route]]
+name = "orders"
+[route.match]
+path = "/api/orders/{id}"
+methods = ["GET"]
+
+[[route]]
+name = "x"
+priority = 1
+[route.match]
+path = "/x/{id}"
+methods = ["GET"]
+
+[[route]]
+name = "x-items"
+priority = 1
+[route.match]
+path = "/x/items"
+"#,
+    )
+    .unwrap();
+    let w: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].starts_with("r.toml:9:8: warning: route `orders` can never match: `api` (r.toml:3:8)"),
+        "{}",
+        w[0]
+    );
+    assert!(
+        w[1].starts_with(
+            "r.toml:22:8: warning: route `x-items` overlaps `x` (r.toml:15:8) at equal priority 1"
+        ),
+        "{}",
+        w[1]
+    );
+}
+
+#[test]
+fn narrower_conditions_do_not_make_a_route_unreachable() {
+    let loaded = load_one(
+        r#"
+[[route]]
+name = "tenant"
+priority = 10
+[route.match]
+path_prefix = "/api/"
+headers = { "x-tenant" = "acme" }
+
+[[route]]
+name = "orders"
+[route.match]
+path = "/api/orders/{id}"
+"#,
+    )
+    .unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+}
+
+#[test]
+fn env_expansion() {
+    let env = |n: &str| (n == "A").then(|| "1".to_string());
+    assert_eq!(expand_env("x${A}y", &env).unwrap(), "x1y");
+    assert_eq!(expand_env("${B:-d}", &env).unwrap(), "d");
+    assert!(expand_env("${B}", &env).is_err());
+    assert!(expand_env("${A", &env).is_err());
+}

@@ -1,0 +1,89 @@
+//! Watches the rules path and triggers a reload after changes settle. Editors and `git
+//! checkout` write files in several steps, so events are debounced; a half-written file that
+//! slips through is rejected by validation and the next event loads the finished one.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// Quiet time after the last change before reloading.
+const SETTLE: Duration = Duration::from_millis(200);
+/// Longest a stream of changes can postpone a reload.
+const MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// Keeps the watch alive; dropping it stops watching.
+pub struct RulesWatch {
+    _watcher: Arc<Mutex<notify::RecommendedWatcher>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RulesWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts watching `path` (a file or a directory) and calls `reload` after each settled change.
+pub fn spawn(
+    path: &Path,
+    reload: impl Fn() + Send + Sync + 'static,
+) -> Result<RulesWatch, notify::Error> {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let (tx, mut rx) = mpsc::channel::<PathBuf>(64);
+    let watched = path.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if matches!(event.kind, EventKind::Access(_)) {
+            return;
+        }
+        for p in event.paths {
+            if p.starts_with(&watched) {
+                // A full channel already holds a pending reload: dropping is fine.
+                let _ = tx.try_send(p);
+            }
+        }
+    })?;
+    // The parent is watched too, so that replacing or recreating the rules path is seen.
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    watcher.watch(&parent, RecursiveMode::NonRecursive)?;
+    if path.is_dir() {
+        watcher.watch(&path, RecursiveMode::Recursive)?;
+    }
+
+    let watcher = Arc::new(Mutex::new(watcher));
+    let rewatcher = watcher.clone();
+    let task = tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            debug!(path = %first.display(), "rules changed");
+            let deadline = tokio::time::Instant::now() + MAX_DELAY;
+            let mut recreated = first == path;
+            loop {
+                let settle = tokio::time::Instant::now() + SETTLE;
+                match tokio::time::timeout_at(settle.min(deadline), rx.recv()).await {
+                    Ok(Some(p)) => recreated |= p == path,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+            }
+            // A directory deleted and created again needs a new recursive watch.
+            if recreated && path.is_dir() {
+                let mut w = rewatcher.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Err(e) = w.watch(&path, RecursiveMode::Recursive) {
+                    warn!(error = %e, "cannot watch the rules directory again");
+                }
+            }
+            reload();
+        }
+    });
+    Ok(RulesWatch {
+        _watcher: watcher,
+        task,
+    })
+}

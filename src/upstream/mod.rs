@@ -1,0 +1,165 @@
+//! Upstreams: pooled keep-alive HTTP/1.1 clients (plain or rustls TLS) per connect timeout,
+//! shared across rules reloads so that a reload never drops warm connections.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http::uri::{Authority, Scheme};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::rules::{LEGACY_UPSTREAM, NEW_UPSTREAM, UpstreamDef};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type ficus sends and returns: upstream and client bodies stream through as is.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// Settings for upstreams that the rules do not override.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub legacy: Uri,
+    pub new: Uri,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+}
+
+/// A live upstream: where to send requests and with which client.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub client: HttpClient,
+    pub timeout: Duration,
+    pub preserve_host: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read CA file {path}: {source}")]
+    CaFile {
+        path: String,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("CA file {0} holds no usable certificate")]
+    NoCertificate(String),
+    #[error("TLS client setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Builds clients on demand and keeps them, keyed by connect timeout (the only connector
+/// setting that differs between upstreams), so pools survive reloads.
+pub struct ClientCache {
+    tls: rustls::ClientConfig,
+    pool_idle_timeout: Duration,
+    clients: Mutex<HashMap<Duration, HttpClient>>,
+}
+
+impl ClientCache {
+    /// Trusts the webpki roots, the system's roots and, if given, the CA certificates in `ca_file`.
+    pub fn new(ca_file: Option<&Path>, pool_idle_timeout: Duration) -> Result<Self, TlsSetupError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        // System roots are a convenience: a missing or partly unreadable store is not fatal.
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        if let Some(path) = ca_file {
+            let display = path.display().to_string();
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(|source| TlsSetupError::CaFile {
+                    path: display.clone(),
+                    source,
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(TlsSetupError::NoCertificate(display));
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // ALPN is left to the connector: it offers http/1.1 only (`enable_http1`), which
+        // carries upgrades (WebSocket) as well.
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self {
+            tls,
+            pool_idle_timeout,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn client(&self, connect_timeout: Duration) -> HttpClient {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry(connect_timeout)
+            .or_insert_with(|| {
+                let mut http = HttpConnector::new();
+                http.enforce_http(false);
+                http.set_nodelay(true);
+                http.set_connect_timeout(Some(connect_timeout));
+                http.set_keepalive(Some(Duration::from_secs(60)));
+                let https = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(self.tls.clone())
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http);
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(self.pool_idle_timeout)
+                    .build(https)
+            })
+            .clone()
+    }
+
+    /// Turns the rules' upstream definitions into live upstreams.
+    pub fn upstreams(&self, defs: &[UpstreamDef], defaults: &Defaults) -> Vec<Upstream> {
+        defs.iter()
+            .enumerate()
+            .map(|(i, def)| {
+                let url = match (i, &def.url) {
+                    (_, Some(url)) => url,
+                    (LEGACY_UPSTREAM, None) => &defaults.legacy,
+                    (NEW_UPSTREAM, None) => &defaults.new,
+                    // Validation gives every named upstream a URL.
+                    (_, None) => &defaults.legacy,
+                };
+                let (scheme, authority) = scheme_and_authority(url);
+                Upstream {
+                    name: def.name.clone(),
+                    scheme,
+                    authority,
+                    client: self.client(def.connect_timeout.unwrap_or(defaults.connect_timeout)),
+                    timeout: def.timeout.unwrap_or(defaults.timeout),
+                    preserve_host: def.preserve_host,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Scheme and authority of a URL validated by `rules::parse_upstream_url`.
+fn scheme_and_authority(url: &Uri) -> (Scheme, Authority) {
+    let scheme = url.scheme().cloned().unwrap_or(Scheme::HTTP);
+    let authority = url
+        .authority()
+        .cloned()
+        .unwrap_or_else(|| Authority::from_static("127.0.0.1"));
+    (scheme, authority)
+}
