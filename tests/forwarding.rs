@@ -1,0 +1,369 @@
+//! End to end: what the proxy does to requests and responses on their way through.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use serde_json::Value;
+use support::{Backend, TestProxy, backend_of, client, dead_addr, full};
+use tokio::sync::{mpsc, oneshot};
+
+const ANY_TO_LEGACY: &str = "[[route]]\nname = \"all\"\n";
+
+#[tokio::test]
+async fn headers_are_rewritten_like_a_proper_proxy() {
+    let legacy = Backend::with_handler("legacy", |_req| async {
+        Response::builder()
+            .header("keep-alive", "timeout=5")
+            .header("x-from-backend", "1")
+            .body(full("ok"))
+            .unwrap()
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+
+    let resp = client()
+        .get(proxy.url("/p?q=1"))
+        .header("host", "shop.example.com")
+        .header("connection", "x-hop")
+        .header("x-hop", "secret")
+        .header("proxy-authorization", "Basic Zm9v")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-custom", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = legacy.last();
+    let h = &seen.headers;
+    assert_eq!(
+        h["host"], "shop.example.com",
+        "Host is preserved by default"
+    );
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "client-sent XFF is not trusted"
+    );
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.example.com");
+    assert_eq!(h["via"], "1.1 ficus");
+    assert_eq!(h["x-custom"], "kept");
+    for gone in [
+        "x-hop",
+        "proxy-authorization",
+        "connection",
+        "keep-alive",
+        "te",
+    ] {
+        assert!(!h.contains_key(gone), "{gone} must not reach the upstream");
+    }
+    let id = h["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "a UUID request id is created: {id}");
+    assert_eq!(resp.headers()["x-request-id"].to_str().unwrap(), id);
+    assert_eq!(resp.headers()["via"], "1.1 ficus");
+    assert_eq!(resp.headers()["x-from-backend"], "1");
+    assert!(!resp.headers().contains_key("keep-alive"));
+
+    // A client-supplied request id is passed on and returned.
+    let resp = client()
+        .get(proxy.url("/p"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "abc-123");
+    assert_eq!(legacy.last().headers["x-request-id"], "abc-123");
+}
+
+#[tokio::test]
+async fn host_can_be_rewritten_per_upstream() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = format!("[upstreams]\nlegacy = {{ preserve_host = false }}\n{ANY_TO_LEGACY}");
+    let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
+    client()
+        .get(proxy.url("/"))
+        .header("host", "shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(legacy.last().headers["host"], legacy.addr.to_string());
+}
+
+async fn error_json(resp: reqwest::Response) -> Value {
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn upstream_down_gives_502_with_json() {
+    let new = Backend::start("new").await;
+    let legacy = format!("http://{}", dead_addr()).parse().unwrap();
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+    let resp = client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let body = error_json(resp).await;
+    assert_eq!(body["error"], "upstream_unavailable");
+    assert_eq!(body["route"], "all");
+    assert_eq!(body["side"], "legacy");
+    assert_eq!(body["upstream"], "legacy");
+    assert_eq!(body["request_id"], id.as_str());
+    assert_eq!(
+        new.count(),
+        0,
+        "an error on the authority never falls over to the other side"
+    );
+}
+
+#[tokio::test]
+async fn slow_upstream_gives_504_with_json() {
+    let legacy = Backend::with_handler("legacy", |_req| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Response::new(full("late"))
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let rules = format!("[upstreams]\nlegacy = {{ timeout = \"300ms\" }}\n{ANY_TO_LEGACY}");
+    let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
+    let resp = client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body = error_json(resp).await;
+    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(body["upstream"], "legacy");
+}
+
+#[tokio::test]
+async fn named_upstream_errors_name_the_upstream() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = format!(
+        "[upstreams]\nbilling = \"http://{}\"\n[[route]]\nname = \"bills\"\nauthority = \"new\"\nnew = \"billing\"\n",
+        dead_addr()
+    );
+    let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
+    let resp = client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = error_json(resp).await;
+    assert_eq!(
+        (body["side"].as_str(), body["upstream"].as_str()),
+        (Some("new"), Some("billing"))
+    );
+}
+
+/// The backend sends one chunk, then waits until the client has it before sending the rest:
+/// a proxy that buffered the whole body would never deliver the first chunk.
+#[tokio::test]
+async fn large_download_streams_without_buffering() {
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 48;
+    let (got_first_tx, got_first_rx) = oneshot::channel::<()>();
+    let got_first_rx = std::sync::Mutex::new(Some(got_first_rx));
+    let legacy = Backend::with_handler("legacy", move |_req| {
+        let got_first = got_first_rx.lock().unwrap().take();
+        async move {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, support::BoxError>>(2);
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; CHUNK]);
+                tx.send(Ok(Frame::data(chunk.clone()))).await.unwrap();
+                got_first.unwrap().await.unwrap();
+                for _ in 1..CHUNKS {
+                    if tx.send(Ok(Frame::data(chunk.clone()))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let stream = tokio_stream_from(rx);
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+    let mut resp = client().get(proxy.url("/big")).send().await.unwrap();
+    let mut total = resp.chunk().await.unwrap().unwrap().len();
+    got_first_tx.send(()).unwrap();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        total += chunk.len();
+    }
+    assert_eq!(total, CHUNK * CHUNKS);
+}
+
+/// Mirror image for uploads: the client sends the rest only once the backend has the start.
+#[tokio::test]
+async fn large_upload_streams_without_buffering() {
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 48;
+    let (got_first_tx, got_first_rx) = oneshot::channel::<()>();
+    let got_first_tx = std::sync::Mutex::new(Some(got_first_tx));
+    let legacy = Backend::with_handler("legacy", move |req| {
+        let got_first = got_first_tx.lock().unwrap().take();
+        async move {
+            let mut body = req.into_body();
+            let mut total = 0usize;
+            let mut signal = got_first;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    total += data.len();
+                    if let Some(s) = signal.take() {
+                        s.send(()).unwrap();
+                    }
+                }
+            }
+            Response::new(full(total.to_string()))
+        }
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b'y'; CHUNK]);
+        tx.send(Ok(chunk.clone())).await.unwrap();
+        got_first_rx.await.unwrap();
+        for _ in 1..CHUNKS {
+            tx.send(Ok(chunk.clone())).await.unwrap();
+        }
+    });
+    let body = reqwest::Body::wrap_stream(tokio_stream_from_bytes(rx));
+    let resp = client()
+        .post(proxy.url("/upload"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), (CHUNK * CHUNKS).to_string());
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn tokio_stream_from_bytes(
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    tokio_stream_from(rx)
+}
+
+/// A client that goes away cancels the upstream request.
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_request() {
+    let (dropped_tx, mut dropped_rx) = mpsc::channel::<()>(1);
+    struct OnDrop(mpsc::Sender<()>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.try_send(());
+        }
+    }
+    let legacy = Backend::with_handler("legacy", move |_req| {
+        let guard = OnDrop(dropped_tx.clone());
+        async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(guard);
+            Response::new(full("late"))
+        }
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+    let url = proxy.url("/slow");
+    let request = tokio::spawn(async move { client().get(url).send().await });
+    assert!(support::eventually(Duration::from_secs(5), || async { legacy.count() == 1 }).await);
+    request.abort();
+    let cancelled = tokio::time::timeout(Duration::from_secs(5), dropped_rx.recv()).await;
+    assert!(cancelled.is_ok(), "the upstream request was not cancelled");
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served_and_forwarded_as_http1() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let resp = h2.get(proxy.url("/h2?x=1")).send().await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(backend_of(&resp), "legacy");
+    let seen = legacy.last();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    assert_eq!(seen.uri.path_and_query().unwrap().as_str(), "/h2?x=1");
+    assert_eq!(seen.headers["host"], proxy.ficus.proxy_addr().to_string());
+    assert_eq!(seen.headers["via"], "2 ficus");
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let legacy = Backend::with_handler("legacy", |_req| async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Response::new(full("finished"))
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+    let url = proxy.url("/slow");
+    let addr = proxy.ficus.proxy_addr();
+    let in_flight =
+        tokio::spawn(async move { client().get(url).send().await.unwrap().text().await });
+    assert!(support::eventually(Duration::from_secs(5), || async { legacy.count() == 1 }).await);
+    let support::TestProxy {
+        ficus, dir: _dir, ..
+    } = proxy;
+    ficus.shutdown().await;
+    assert_eq!(in_flight.await.unwrap().unwrap(), "finished");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through_to_the_authority() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        ws.send(msg).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let legacy = Backend::start("legacy").await;
+    let rules = "[[route]]\nname = \"ws\"\nauthority = \"new\"\n[route.match]\npath = \"/ws\"\n";
+    let proxy = TestProxy::start(
+        rules,
+        legacy.url(),
+        format!("http://{ws_addr}").parse().unwrap(),
+    )
+    .await;
+    let url = format!("ws://{}/ws", proxy.ficus.proxy_addr());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![1u8, 2, 3])
+    );
+    ws.close(None).await.unwrap();
+    assert_eq!(legacy.count(), 0);
+}

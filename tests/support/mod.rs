@@ -1,0 +1,265 @@
+//! Test support: real loopback backends that record what they received, a `TestProxy` that
+//! runs the real ficus in-process, and small helpers. Never fixed ports; never sleeps to wait.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use ficus::{Config, Ficus};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type RespBody = BoxBody<Bytes, BoxError>;
+pub type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<RespBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// What a backend saw of one request (the head; handlers may record bodies themselves).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+/// A real HTTP/1.1 + HTTP/2 server on 127.0.0.1 that records every request head.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn full(body: impl Into<Bytes>) -> RespBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A JSON response naming the backend, method and path.
+pub fn named_response(name: &str, req: &Request<Incoming>) -> Response<RespBody> {
+    let body = serde_json::json!({
+        "backend": name,
+        "method": req.method().as_str(),
+        "path": req.uri().path(),
+        "query": req.uri().query(),
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .header("x-backend", name)
+        .body(full(body.to_string()))
+        .unwrap()
+}
+
+impl Backend {
+    /// Answers every request with [`named_response`].
+    pub async fn start(name: &str) -> Backend {
+        let n = name.to_string();
+        Self::with_handler(name, move |req| {
+            let resp = named_response(&n, &req);
+            async move { resp }
+        })
+        .await
+    }
+
+    pub async fn with_handler<F, Fut>(name: &str, handler: F) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<RespBody>> + Send + 'static,
+    {
+        Self::serve(name, handler, None).await
+    }
+
+    pub async fn serve<F, Fut>(name: &str, handler: F, tls: Option<TlsAcceptor>) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<RespBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                let record = record.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        record.lock().unwrap().push(Seen {
+                            method: req.method().clone(),
+                            uri: req.uri().clone(),
+                            version: req.version(),
+                            headers: req.headers().clone(),
+                        });
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = builder
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                    .await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_string(),
+            seen,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> Uri {
+        format!("http://{}", self.addr).parse().unwrap()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen().pop().expect("the backend saw no request")
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+/// An address where nothing listens (bound, then released).
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// ficus running in-process in front of two backends, with its rules in a temp dir.
+pub struct TestProxy {
+    pub ficus: Ficus,
+    pub dir: tempfile::TempDir,
+    pub base: String,
+}
+
+impl TestProxy {
+    pub async fn start(rules: &str, legacy: Uri, new: Uri) -> TestProxy {
+        Self::start_with(rules, legacy, new, |_| {}).await
+    }
+
+    pub async fn start_with(
+        rules: &str,
+        legacy: Uri,
+        new: Uri,
+        configure: impl FnOnce(&mut Config),
+    ) -> TestProxy {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.toml"), rules).unwrap();
+        let mut config = Config::new(dir.path(), legacy, new);
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.admin_listen = "127.0.0.1:0".parse().unwrap();
+        config.shutdown_timeout = Duration::from_secs(10);
+        configure(&mut config);
+        let ficus = Ficus::start(config).await.unwrap();
+        let base = format!("http://{}", ficus.proxy_addr());
+        TestProxy { ficus, dir, base }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ficus.admin_addr())
+    }
+
+    pub fn rules_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("rules.toml")
+    }
+
+    /// Replaces the rules file atomically (write aside, then rename), as editors and git do.
+    pub fn replace_rules(&self, text: &str) {
+        replace_file(&self.rules_file(), text);
+    }
+}
+
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Polls `check` until it returns true or `deadline` passes.
+pub async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The `x-backend` header of a response.
+pub fn backend_of(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("x-backend")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+pub fn status_ok() -> StatusCode {
+    StatusCode::OK
+}
