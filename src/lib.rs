@@ -17,7 +17,7 @@ pub mod upstream;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use http::Uri;
@@ -103,12 +103,20 @@ fn render(diags: &[Diagnostic]) -> String {
         .join("\n")
 }
 
+/// Outcomes of rules reloads since start (the initial load is not counted).
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+}
+
 /// A running ficus: proxy and admin listeners, rules watch.
 pub struct Ficus {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     config: Config,
     proxy: Arc<Proxy>,
+    reloads: Arc<ReloadStats>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     admin: JoinHandle<()>,
@@ -182,11 +190,13 @@ impl Ficus {
             config.shutdown_timeout,
         ));
 
+        let reloads = Arc::new(ReloadStats::default());
         let watch = if config.watch_rules {
             let proxy = proxy.clone();
             let path = config.rules.clone();
+            let stats = reloads.clone();
             Some(rules::watch::spawn(&config.rules, move || {
-                let _ = reload(&proxy, &path);
+                let _ = reload(&proxy, &path, &stats);
             })?)
         } else {
             None
@@ -207,6 +217,7 @@ impl Ficus {
             admin_addr,
             config,
             proxy,
+            reloads,
             shutdown,
             server,
             admin,
@@ -228,7 +239,11 @@ impl Ficus {
 
     /// Reloads the rules now (what SIGHUP does). On error the rules in force stay.
     pub fn reload(&self) -> Result<usize, Vec<Diagnostic>> {
-        reload(&self.proxy, &self.config.rules)
+        reload(&self.proxy, &self.config.rules, &self.reloads)
+    }
+
+    pub fn reload_stats(&self) -> &ReloadStats {
+        &self.reloads
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout), returns.
@@ -241,7 +256,11 @@ impl Ficus {
 }
 
 /// Loads the rules at `path` and publishes them; logs and counts the outcome.
-fn reload(proxy: &Proxy, path: &std::path::Path) -> Result<usize, Vec<Diagnostic>> {
+fn reload(
+    proxy: &Proxy,
+    path: &std::path::Path,
+    stats: &ReloadStats,
+) -> Result<usize, Vec<Diagnostic>> {
     match rules::load(path) {
         Ok(loaded) => {
             for w in &loaded.warnings {
@@ -250,11 +269,13 @@ fn reload(proxy: &Proxy, path: &std::path::Path) -> Result<usize, Vec<Diagnostic
             let count = loaded.rules.routes.len();
             record_load_time(&loaded.rules);
             proxy.install(loaded.rules);
+            stats.succeeded.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(telemetry::RULES_RELOADS_TOTAL, "result" => "ok").increment(1);
             info!(routes = count, "rules reloaded");
             Ok(count)
         }
         Err(errors) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(telemetry::RULES_RELOADS_TOTAL, "result" => "error").increment(1);
             error!(
                 errors = errors.iter().filter(|d| d.is_error()).count(),

@@ -1,0 +1,146 @@
+//! End to end: live reload of the rules, under load, and what happens with bad files.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use support::{Backend, TestProxy, backend_of, client, eventually};
+
+fn rules_to(side: &str) -> String {
+    format!("[[route]]\nname = \"items\"\nauthority = \"{side}\"\n[route.match]\npath_prefix = \"/items/\"\n")
+}
+
+async fn side_of(proxy: &TestProxy) -> String {
+    let resp = client().get(proxy.url("/items/1")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    backend_of(&resp)
+}
+
+async fn wait_for_side(proxy: &TestProxy, side: &str) -> bool {
+    eventually(Duration::from_secs(10), || async { side_of(proxy).await == side }).await
+}
+
+async fn wait_for_failed_reloads(proxy: &TestProxy, n: u64) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        proxy.ficus.reload_stats().failed.load(Ordering::Relaxed) >= n
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_fails_no_request() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(&rules_to("legacy"), legacy.url(), new.url()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let url = proxy.url("/items/1");
+        workers.push(tokio::spawn(async move {
+            let c = client();
+            // Bounded: stops when told, or after 20,000 requests, whichever comes first.
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for round in 0..6 {
+        let side = if round % 2 == 0 { "new" } else { "legacy" };
+        proxy.replace_rules(&rules_to(side));
+        assert!(wait_for_side(&proxy, side).await, "round {round}: rules never switched to {side}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(ok.load(Ordering::Relaxed) > 100, "load ran: {}", ok.load(Ordering::Relaxed));
+    assert!(proxy.ficus.reload_stats().succeeded.load(Ordering::Relaxed) >= 6);
+}
+
+#[tokio::test]
+async fn invalid_rules_are_rejected_and_the_old_rules_stay() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(&rules_to("new"), legacy.url(), new.url()).await;
+    assert_eq!(side_of(&proxy).await, "new");
+
+    // Garbage.
+    proxy.replace_rules("this is [not toml");
+    assert!(wait_for_failed_reloads(&proxy, 1).await);
+    assert_eq!(side_of(&proxy).await, "new");
+
+    // Valid TOML, invalid rules: the whole set is rejected, not just the bad route.
+    proxy.replace_rules(&format!("{}\n[[route]]\nname = \"items\"\n", rules_to("legacy")));
+    assert!(wait_for_failed_reloads(&proxy, 2).await);
+    assert_eq!(side_of(&proxy).await, "new");
+
+    // The file is deleted: nothing to load, the rules in force stay.
+    std::fs::remove_file(proxy.rules_file()).unwrap();
+    assert!(wait_for_failed_reloads(&proxy, 3).await);
+    assert_eq!(side_of(&proxy).await, "new");
+
+    // A valid file is picked up again.
+    proxy.replace_rules(&rules_to("legacy"));
+    assert!(wait_for_side(&proxy, "legacy").await);
+}
+
+#[tokio::test]
+async fn half_written_file_is_rejected_then_the_finished_file_loads() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(&rules_to("legacy"), legacy.url(), new.url()).await;
+    let full = rules_to("new");
+    let (first, second) = full.split_at(full.len() / 2);
+    // Written in place in two steps, as a slow writer or a crashed editor would.
+    std::fs::write(proxy.rules_file(), first).unwrap();
+    assert!(wait_for_failed_reloads(&proxy, 1).await);
+    assert_eq!(side_of(&proxy).await, "legacy");
+    std::fs::write(proxy.rules_file(), format!("{first}{second}")).unwrap();
+    assert!(wait_for_side(&proxy, "new").await);
+}
+
+#[tokio::test]
+async fn new_files_in_the_rules_directory_are_picked_up() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(&rules_to("legacy"), legacy.url(), new.url()).await;
+    let team_dir = proxy.dir.path().join("team-b");
+    std::fs::create_dir(&team_dir).unwrap();
+    support::replace_file(
+        &team_dir.join("other.toml"),
+        "[[route]]\nname = \"other\"\npriority = 5\nauthority = \"new\"\n[route.match]\npath = \"/items/{id}\"\n",
+    );
+    assert!(wait_for_side(&proxy, "new").await);
+}
+
+#[tokio::test]
+async fn explicit_reload_reports_errors_with_locations() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(&rules_to("legacy"), legacy.url(), new.url(), |c| {
+        c.watch_rules = false;
+    })
+    .await;
+    std::fs::write(proxy.rules_file(), "[[route]]\nname = \"x\"\nauthority = \"both\"\n").unwrap();
+    let errors = proxy.ficus.reload().unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].to_string().ends_with(
+        "rules.toml:3:13: error: unknown authority `both`; hint: authority is \"legacy\" or \"new\""
+    ), "{}", errors[0]);
+    assert_eq!(side_of(&proxy).await, "legacy");
+    std::fs::write(proxy.rules_file(), rules_to("new")).unwrap();
+    assert_eq!(proxy.ficus.reload().unwrap(), 1);
+    assert_eq!(side_of(&proxy).await, "new");
+}
