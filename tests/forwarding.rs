@@ -1,4 +1,5 @@
 //! End to end: what the proxy does to requests and responses on their way through.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
 
 mod support;
 

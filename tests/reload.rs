@@ -1,4 +1,5 @@
 //! End to end: live reload of the rules, under load, and what happens with bad files.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
 
 mod support;
 
@@ -9,7 +10,9 @@ use std::time::Duration;
 use support::{Backend, TestProxy, backend_of, client, eventually};
 
 fn rules_to(side: &str) -> String {
-    format!("[[route]]\nname = \"items\"\nauthority = \"{side}\"\n[route.match]\npath_prefix = \"/items/\"\n")
+    format!(
+        "[[route]]\nname = \"items\"\nauthority = \"{side}\"\n[route.match]\npath_prefix = \"/items/\"\n"
+    )
 }
 
 async fn side_of(proxy: &TestProxy) -> String {
@@ -19,7 +22,10 @@ async fn side_of(proxy: &TestProxy) -> String {
 }
 
 async fn wait_for_side(proxy: &TestProxy, side: &str) -> bool {
-    eventually(Duration::from_secs(10), || async { side_of(proxy).await == side }).await
+    eventually(Duration::from_secs(10), || async {
+        side_of(proxy).await == side
+    })
+    .await
 }
 
 async fn wait_for_failed_reloads(proxy: &TestProxy, n: u64) -> bool {
@@ -58,14 +64,21 @@ async fn reload_under_load_fails_no_request() {
     for round in 0..6 {
         let side = if round % 2 == 0 { "new" } else { "legacy" };
         proxy.replace_rules(&rules_to(side));
-        assert!(wait_for_side(&proxy, side).await, "round {round}: rules never switched to {side}");
+        assert!(
+            wait_for_side(&proxy, side).await,
+            "round {round}: rules never switched to {side}"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0);
-    assert!(ok.load(Ordering::Relaxed) > 100, "load ran: {}", ok.load(Ordering::Relaxed));
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "load ran: {}",
+        ok.load(Ordering::Relaxed)
+    );
     assert!(proxy.ficus.reload_stats().succeeded.load(Ordering::Relaxed) >= 6);
 }
 
@@ -82,7 +95,10 @@ async fn invalid_rules_are_rejected_and_the_old_rules_stay() {
     assert_eq!(side_of(&proxy).await, "new");
 
     // Valid TOML, invalid rules: the whole set is rejected, not just the bad route.
-    proxy.replace_rules(&format!("{}\n[[route]]\nname = \"items\"\n", rules_to("legacy")));
+    proxy.replace_rules(&format!(
+        "{}\n[[route]]\nname = \"items\"\n",
+        rules_to("legacy")
+    ));
     assert!(wait_for_failed_reloads(&proxy, 2).await);
     assert_eq!(side_of(&proxy).await, "new");
 
@@ -133,7 +149,11 @@ async fn explicit_reload_reports_errors_with_locations() {
         c.watch_rules = false;
     })
     .await;
-    std::fs::write(proxy.rules_file(), "[[route]]\nname = \"x\"\nauthority = \"both\"\n").unwrap();
+    std::fs::write(
+        proxy.rules_file(),
+        "[[route]]\nname = \"x\"\nauthority = \"both\"\n",
+    )
+    .unwrap();
     let errors = proxy.ficus.reload().unwrap_err();
     assert_eq!(errors.len(), 1);
     assert!(errors[0].to_string().ends_with(

@@ -1,4 +1,5 @@
 //! End to end: every rule feature routes real requests to the right real backend.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
 
 mod support;
 

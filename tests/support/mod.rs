@@ -1,6 +1,6 @@
 //! Test support: real loopback backends that record what they received, a `TestProxy` that
 //! runs the real ficus in-process, and small helpers. Never fixed ports; never sleeps to wait.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,0 +1,319 @@
+//! The `ficus` binary: `rules check`, `rules explain`, help, and `serve` configured through
+//! environment variables, reloaded by SIGHUP and stopped by SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+mod support;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{Backend, backend_of, client, eventually};
+
+const FICUS: &str = env!("CARGO_BIN_EXE_ficus");
+
+fn ficus(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(FICUS).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn rules_check_accepts_the_shipped_examples() {
+    let (code, out, _) = ficus(&["rules", "check", "routing-rules"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: 4 routes, 0 warnings"), "{out}");
+}
+
+#[test]
+fn rules_check_prints_every_error_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[[route]]\nname = \"a\"\n[route.match]\npath = \"/a/{id\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[[route]]\nname = \"a\"\n[route.canary]\npercent = 150\n",
+    )
+    .unwrap();
+    let (code, out, _) = ficus(&["rules", "check", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let a = dir.path().join("a.toml");
+    let b = dir.path().join("b.toml");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.contains(&format!("{}:4:8: error: bad template segment `{{id` in `/a/{{id`; hint: a segment is either literal text or a whole `{{name}}` (letters, digits, `_`)", a.display()).as_str()), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}:2:8: error: duplicate route name `a`, first defined at {}:2:8",
+            b.display(),
+            a.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{}:4:11: error: canary percent 150 is outside 0..100",
+            b.display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("failed: 3 errors"), "{out}");
+}
+
+#[test]
+fn rules_check_warns_but_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.toml");
+    std::fs::write(
+        &file,
+        "[[route]]\nname = \"all-api\"\npriority = 5\n[route.match]\npath = \"/api/**\"\n\n[[route]]\nname = \"orders\"\n[route.match]\npath = \"/api/orders\"\n",
+    )
+    .unwrap();
+    let (code, out, _) = ficus(&["rules", "check", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}:8:8: warning: route `orders` can never match",
+            file.display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("ok: 2 routes, 1 warnings"), "{out}");
+}
+
+#[test]
+fn rules_explain_says_which_route_and_why_not_the_others() {
+    let (code, out, err) = ficus(&[
+        "rules",
+        "explain",
+        "routing-rules",
+        "GET",
+        "http://shop.example.com/api/orders/42",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("route: orders-read (routing-rules/10-orders.toml:"),
+        "{out}"
+    );
+    assert!(out.contains("authority: legacy (upstream legacy)"), "{out}");
+    assert!(
+        out.contains("orders-write  no: method GET is not in [POST, PUT, PATCH, DELETE]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("customers     no: path /api/orders/42 does not match `/api/customers/`"),
+        "{out}"
+    );
+
+    let (_, out, _) = ficus(&[
+        "rules",
+        "explain",
+        "routing-rules",
+        "GET",
+        "/api/catalog/lamp",
+        "-H",
+        "x-customer-id: 1001",
+    ]);
+    assert!(
+        out.contains("canary: 25% by header:x-customer-id; this key is at"),
+        "{out}"
+    );
+
+    let (_, out, _) = ficus(&["rules", "explain", "routing-rules", "GET", "/nowhere"]);
+    assert!(out.contains("route: default (built-in)"), "{out}");
+    assert!(out.contains("no route matches"), "{out}");
+}
+
+#[test]
+fn help_documents_every_flag_and_its_environment_variable() {
+    let (code, out, _) = ficus(&["serve", "--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--rules",
+        "--legacy",
+        "--new",
+        "--listen",
+        "--admin-listen",
+        "--tls-cert",
+        "--tls-key",
+        "--upstream-ca",
+        "--connect-timeout",
+        "--upstream-timeout",
+        "--shutdown-timeout",
+        "--no-watch",
+        "--log-format",
+        "--log",
+    ] {
+        assert!(out.contains(flag), "serve --help lacks {flag}");
+    }
+    for env in [
+        "FICUS_RULES",
+        "FICUS_LEGACY",
+        "FICUS_NEW",
+        "FICUS_LISTEN",
+        "FICUS_ADMIN_LISTEN",
+        "FICUS_TLS_CERT",
+        "FICUS_TLS_KEY",
+        "FICUS_UPSTREAM_CA",
+        "FICUS_CONNECT_TIMEOUT",
+        "FICUS_UPSTREAM_TIMEOUT",
+        "FICUS_SHUTDOWN_TIMEOUT",
+        "FICUS_NO_WATCH",
+    ] {
+        assert!(out.contains(env), "serve --help lacks {env}");
+    }
+    let (_, out, _) = ficus(&["--help"]);
+    for cmd in ["serve", "rules", "demo"] {
+        assert!(out.contains(cmd));
+    }
+    let (_, out, _) = ficus(&["rules", "--help"]);
+    assert!(out.contains("check") && out.contains("explain"));
+}
+
+#[test]
+fn serve_refuses_to_start_on_invalid_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("r.toml"), "[[route]]\nname = 1\n").unwrap();
+    let out = Command::new(FICUS)
+        .args(["serve", "--rules", dir.path().to_str().unwrap()])
+        .args([
+            "--legacy",
+            "http://127.0.0.1:1",
+            "--new",
+            "http://127.0.0.1:1",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("r.toml:2:8: error: invalid type"), "{err}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn serve_from_environment_reloads_on_sighup_and_stops_on_sigterm() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let orders = Backend::start("orders").await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    let route = |new_name: &str| {
+        format!(
+            "[upstreams]\norders-svc = \"${{ORDERS_URL}}\"\n[[route]]\nname = \"orders\"\nauthority = \"new\"\nnew = \"{new_name}\"\n[route.match]\npath_prefix = \"/api/orders\"\n"
+        )
+    };
+    std::fs::write(&rules, route("orders-svc")).unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Child(
+        Command::new(FICUS)
+            .arg("serve")
+            .env("FICUS_RULES", &rules)
+            .env("FICUS_LEGACY", legacy.url().to_string())
+            .env("FICUS_NEW", new.url().to_string())
+            .env("FICUS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FICUS_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("FICUS_NO_WATCH", "true")
+            .env("FICUS_LOG_FORMAT", "json")
+            .env("ORDERS_URL", orders.url().to_string())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let c = client();
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            c.get(&ready).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "ficus never became ready"
+    );
+    let healthz = c
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthz.status(), 200);
+    let url = format!("http://127.0.0.1:{port}/api/orders/1");
+    let resp = c.get(&url).send().await.unwrap();
+    assert_eq!(
+        backend_of(&resp),
+        "orders",
+        "the env-referenced upstream serves the route"
+    );
+
+    std::fs::write(&rules, route("new")).unwrap();
+    signal(&child.0, "-HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            backend_of(&c.get(&url).send().await.unwrap()) == "new"
+        })
+        .await,
+        "SIGHUP did not reload the rules"
+    );
+
+    signal(&child.0, "-TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.0.wait().unwrap();
+        let mut err = String::new();
+        child
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status, err)
+    });
+    let (status, err) = tokio::time::timeout(Duration::from_secs(20), status)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    // One JSON access line per request, with route, authority, status and latency.
+    let access: Vec<serde_json::Value> = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "ficus::access")
+        .collect();
+    assert!(access.len() >= 2, "{err}");
+    let first = &access[0];
+    assert_eq!(first["route"], "orders");
+    assert_eq!(first["authority"], "new");
+    assert_eq!(first["status"], 200);
+    assert!(first["latency_ms"].is_number());
+    assert!(
+        first["request_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 36)
+    );
+}

@@ -1,0 +1,161 @@
+//! End to end: TLS on the listener (HTTP/1.1 and HTTP/2 by ALPN) and to https:// upstreams,
+//! with certificates generated for the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use support::{Backend, TestProxy, named_response};
+
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A CA and a certificate it signed for `localhost` and 127.0.0.1.
+fn pki(dir: &Path) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let pki = Pki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
+    std::fs::write(&pki.cert, cert.pem()).unwrap();
+    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+    pki
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+type TlsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<Bytes>,
+>;
+
+fn tls_client(pki: &Pki, h2: bool) -> TlsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only();
+    let connector = if h2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build(connector)
+}
+
+#[tokio::test]
+async fn tls_on_the_listener_and_to_the_upstream() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let legacy = Backend::serve(
+        "legacy",
+        |req| async move { named_response("legacy", &req) },
+        Some(acceptor(&pki)),
+    )
+    .await;
+    let new = Backend::start("new").await;
+    let legacy_url = format!("https://localhost:{}", legacy.addr.port())
+        .parse()
+        .unwrap();
+    let proxy = TestProxy::start_with("[[route]]\nname = \"all\"\n", legacy_url, new.url(), |c| {
+        c.tls = Some(ficus::TlsFiles {
+            cert: pki.cert.clone(),
+            key: pki.key.clone(),
+        });
+        c.upstream_ca = Some(pki.ca.clone());
+    })
+    .await;
+    let url = format!(
+        "https://localhost:{}/secure?x=1",
+        proxy.ficus.proxy_addr().port()
+    );
+
+    for (h2, version) in [(false, Version::HTTP_11), (true, Version::HTTP_2)] {
+        let resp = tls_client(&pki, h2)
+            .request(Request::get(&url).body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.version(), version, "ALPN negotiates {version:?}");
+        assert_eq!(resp.headers()["x-backend"], "legacy");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("/secure"));
+        let seen = legacy.last();
+        assert_eq!(seen.headers["x-forwarded-proto"], "https");
+        assert_eq!(seen.uri.query(), Some("x=1"));
+    }
+}
+
+#[tokio::test]
+async fn untrusted_upstream_certificate_gives_502() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let legacy = Backend::serve(
+        "legacy",
+        |req| async move { named_response("legacy", &req) },
+        Some(acceptor(&pki)),
+    )
+    .await;
+    let new = Backend::start("new").await;
+    let legacy_url = format!("https://localhost:{}", legacy.addr.port())
+        .parse()
+        .unwrap();
+    // No --upstream-ca: the test CA is not trusted.
+    let proxy = TestProxy::start("[[route]]\nname = \"all\"\n", legacy_url, new.url()).await;
+    let resp = support::client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_unavailable");
+}
