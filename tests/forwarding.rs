@@ -368,3 +368,54 @@ async fn websocket_upgrades_pass_through_to_the_authority() {
     ws.close(None).await.unwrap();
     assert_eq!(legacy.count(), 0);
 }
+
+/// The upstream timeout counts from the last request byte: an upload that takes longer than
+/// the timeout succeeds as long as the upstream answers in time once it has the body.
+#[tokio::test]
+async fn upstream_timeout_counts_from_the_end_of_the_upload() {
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(body.len().to_string()))
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let rules = format!("[upstreams]\nlegacy = {{ timeout = \"300ms\" }}\n{ANY_TO_LEGACY}");
+    let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    tokio::spawn(async move {
+        for _ in 0..5 {
+            tx.send(Ok(Bytes::from_static(b"0123456789")))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    });
+    let body = reqwest::Body::wrap_stream(tokio_stream_from_bytes(rx));
+    let resp = client()
+        .post(proxy.url("/slow-upload"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "50");
+}
+
+#[tokio::test]
+async fn connect_method_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    s.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = s.read(&mut buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert_eq!(legacy.count(), 0);
+}

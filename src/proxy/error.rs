@@ -24,6 +24,8 @@ pub enum ProxyError {
     Upstream { side: Side, source: BoxError },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("{0} is not supported by a reverse proxy")]
+    MethodNotAllowed(&'static str),
 }
 
 impl ProxyError {
@@ -57,6 +59,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -68,6 +71,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "upstream_timeout",
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
 
@@ -77,7 +81,7 @@ impl ProxyError {
             | ProxyError::ConnectTimeout { side }
             | ProxyError::Timeout { side, .. }
             | ProxyError::Upstream { side, .. } => Some(*side),
-            ProxyError::BadRequest(_) => None,
+            ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => None,
         }
     }
 }

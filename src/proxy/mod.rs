@@ -3,6 +3,7 @@
 //! record) hook in here: the decision already names the other side, and both bodies pass
 //! through this function as streams that can be teed.
 
+mod body;
 pub mod error;
 pub mod headers;
 
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::uri::{PathAndQuery, Uri};
-use http::{HeaderValue, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::route::{self, RequestHead};
 use crate::rules::{RuleSet, Side};
 use crate::upstream::{Body, BoxError, ClientCache, Defaults, Upstream};
+use body::{Progress, ProgressClock};
 use error::{ProxyError, rescue};
 
 /// What one published rules snapshot needs at request time: rules and their upstreams.
@@ -115,6 +117,9 @@ async fn forward(
     conn: ConnInfo,
     request_id: &HeaderValue,
 ) -> Result<Response<Body>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed("CONNECT"));
+    }
     let upgrade = headers::is_upgrade_request(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let client_version = req.version();
@@ -134,18 +139,28 @@ async fn forward(
             h.remove(header::HOST);
         }
     }
-    let req = req.map(|body| body.map_err(BoxError::from).boxed_unsync());
-
-    let sent = tokio::time::timeout(upstream.timeout, upstream.client.request(req)).await;
-    let mut resp = match sent {
-        Err(_) => {
-            return Err(ProxyError::Timeout {
-                side,
-                timeout: upstream.timeout,
-            });
+    // The timeout runs from the last request byte sent: a long upload is not cut short, and
+    // an upstream that stops reading the body still times out.
+    let clock = ProgressClock::start();
+    let req = req.map(|body| {
+        Progress::new(body, clock.clone())
+            .map_err(BoxError::from)
+            .boxed_unsync()
+    });
+    let mut sent = std::pin::pin!(upstream.client.request(req));
+    let mut resp = loop {
+        let last = clock.last();
+        match tokio::time::timeout_at((last + upstream.timeout).into(), &mut sent).await {
+            Ok(Ok(resp)) => break resp,
+            Ok(Err(e)) => return Err(ProxyError::from_client(side, e)),
+            Err(_) if clock.last() == last => {
+                return Err(ProxyError::Timeout {
+                    side,
+                    timeout: upstream.timeout,
+                });
+            }
+            Err(_) => continue,
         }
-        Ok(Err(e)) => return Err(ProxyError::from_client(side, e)),
-        Ok(Ok(resp)) => resp,
     };
 
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

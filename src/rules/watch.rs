@@ -32,6 +32,7 @@ pub fn spawn(
     path: &Path,
     reload: impl Fn() + Send + Sync + 'static,
 ) -> Result<RulesWatch, notify::Error> {
+    let reload = Arc::new(reload);
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let (tx, mut rx) = mpsc::channel::<PathBuf>(64);
     let watched = path.clone();
@@ -79,7 +80,11 @@ pub fn spawn(
                     warn!(error = %e, "cannot watch the rules directory again");
                 }
             }
-            reload();
+            // Reading and compiling thousands of routes is blocking work.
+            let reload = reload.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || reload()).await {
+                warn!(error = %e, "rules reload task failed");
+            }
         }
     });
     Ok(RulesWatch {
