@@ -6,11 +6,14 @@
 //! [`Ficus::start`] wires them together; the binary and the tests share it.
 
 pub mod admin;
+pub mod compare;
 pub mod demo;
 pub mod proxy;
+pub mod record;
 pub mod route;
 pub mod rules;
 pub mod server;
+pub mod shadow;
 pub mod telemetry;
 pub mod upstream;
 
@@ -47,6 +50,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Reload the rules when files under `rules` change.
     pub watch_rules: bool,
+    /// Global shadowing limits.
+    pub shadow: shadow::Settings,
+    /// Divergence records kept in memory (until the durable store lands).
+    pub record_capacity: usize,
 }
 
 impl Config {
@@ -65,6 +72,8 @@ impl Config {
             pool_idle_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             watch_rules: true,
+            shadow: shadow::Settings::default(),
+            record_capacity: 10_000,
         }
     }
 }
@@ -116,6 +125,7 @@ pub struct Ficus {
     admin_addr: SocketAddr,
     config: Config,
     proxy: Arc<Proxy>,
+    recorder: Arc<record::MemoryRecorder>,
     reloads: Arc<ReloadStats>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
@@ -153,7 +163,12 @@ impl Ficus {
             timeout: config.upstream_timeout,
             pool_idle_timeout: config.pool_idle_timeout,
         };
-        let proxy = Arc::new(Proxy::new(loaded.rules, clients, defaults));
+        let recorder = Arc::new(record::MemoryRecorder::new(config.record_capacity));
+        let shadower = Arc::new(shadow::Shadower::new(
+            config.shadow.clone(),
+            recorder.clone(),
+        ));
+        let proxy = Arc::new(Proxy::new(loaded.rules, clients, defaults, shadower));
         let tls = match &config.tls {
             Some(files) => Some(server::tls_acceptor(&files.cert, &files.key)?),
             None => None,
@@ -217,6 +232,7 @@ impl Ficus {
             admin_addr,
             config,
             proxy,
+            recorder,
             reloads,
             shutdown,
             server,
@@ -240,6 +256,11 @@ impl Ficus {
     /// Reloads the rules now (what SIGHUP does). On error the rules in force stay.
     pub fn reload(&self) -> Result<usize, Vec<Diagnostic>> {
         reload(&self.proxy, &self.config.rules, &self.reloads)
+    }
+
+    /// The divergence records kept so far.
+    pub fn recorder(&self) -> &Arc<record::MemoryRecorder> {
+        &self.recorder
     }
 
     pub fn reload_stats(&self) -> &ReloadStats {

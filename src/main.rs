@@ -94,6 +94,57 @@ struct ServeArgs {
     /// Do not watch the rules path (reload on SIGHUP only).
     #[arg(long, env = "FICUS_NO_WATCH")]
     no_watch: bool,
+    #[command(flatten)]
+    shadow: ShadowArgs,
+}
+
+/// Global limits of shadowing (mirroring to the non-authoritative side).
+#[derive(Args)]
+struct ShadowArgs {
+    /// Most shadow requests in flight at once; beyond it new shadows are dropped and counted.
+    #[arg(
+        long,
+        env = "FICUS_SHADOW_MAX_INFLIGHT",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    shadow_max_inflight: usize,
+    /// Most memory held by shadow bodies at once (e.g. 64MiB); beyond it shadows are dropped.
+    #[arg(long, env = "FICUS_SHADOW_MAX_MEMORY", value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    shadow_max_memory: usize,
+    /// Largest body (request or response) kept for a comparison; larger ones skip the shadow.
+    #[arg(long, env = "FICUS_SHADOW_BODY_LIMIT", value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    shadow_body_limit: usize,
+    /// Time allowed for a whole shadow exchange (routes may override with shadow.timeout).
+    #[arg(long, env = "FICUS_SHADOW_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    shadow_timeout: Duration,
+    /// Header set to "1" on every shadow request, so the shadow side can suppress side effects.
+    #[arg(
+        long,
+        env = "FICUS_SHADOW_HEADER",
+        value_name = "NAME",
+        default_value = "x-ficus-shadow"
+    )]
+    shadow_header: HeaderName,
+}
+
+/// Parses `1048576`, `512KiB`, `64MiB` or `1GiB`.
+fn parse_size(raw: &str) -> Result<usize, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("bad size `{raw}`: write e.g. 1048576, 512KiB, 64MiB"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" | "K" | "k" => 10,
+        "MiB" | "M" | "m" => 20,
+        "GiB" | "G" | "g" => 30,
+        other => return Err(format!("bad size unit `{other}`: use KiB, MiB or GiB")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size `{raw}` is too large"))
 }
 
 #[derive(Args)]
@@ -181,6 +232,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// `writeln!` into a report buffer (writing to a `String` cannot fail).
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -201,33 +260,57 @@ fn serve(args: ServeArgs) -> Result<()> {
     config.upstream_timeout = args.upstream_timeout;
     config.shutdown_timeout = args.shutdown_timeout;
     config.watch_rules = !args.no_watch;
+    config.shadow = ficus::shadow::Settings {
+        max_inflight: args.shadow.shadow_max_inflight.max(1),
+        max_memory: args.shadow.shadow_max_memory,
+        body_limit: args.shadow.shadow_body_limit,
+        timeout: args.shadow.shadow_timeout,
+        header: args.shadow.shadow_header,
+    };
     runtime()?.block_on(ficus::run(config))?;
     Ok(())
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
+    let mut out = String::new();
     let (diags, routes) = match rules::load(path) {
         Ok(loaded) => (loaded.warnings, Some(loaded.rules.routes.len())),
         Err(errors) => (errors, None),
     };
     for d in &diags {
-        println!("{d}");
+        say!(out, "{d}");
     }
     let errors = diags
         .iter()
         .filter(|d| d.severity == Severity::Error)
         .count();
-    let warnings = diags.len() - errors;
-    match routes {
+    let warnings = plural(diags.len() - errors, "warning");
+    let code = match routes {
         Some(n) => {
-            println!("ok: {n} routes, {warnings} warnings");
+            say!(out, "ok: {}, {warnings}", plural(n, "route"));
             ExitCode::SUCCESS
         }
         None => {
-            println!("failed: {errors} errors, {warnings} warnings");
+            say!(out, "failed: {}, {warnings}", plural(errors, "error"));
             ExitCode::FAILURE
         }
+    };
+    emit(&out);
+    code
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
     }
+}
+
+/// Writes a report to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn emit(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn explain(
@@ -257,6 +340,7 @@ fn explain(
         headers.append(name, value);
     }
     let head = RequestHead::new(&method, &uri, &headers, client_ip);
+    let mut out = String::new();
     let ex = route::explain(&rules, &head);
     let d = ex.decision;
     let at = d
@@ -264,12 +348,14 @@ fn explain(
         .location
         .as_ref()
         .map_or("built-in".to_string(), ToString::to_string);
-    println!(
+    say!(
+        out,
         "{method} {} host={} client-ip={client_ip}",
         uri.path_and_query().map_or("/", |p| p.as_str()),
         head.host.unwrap_or("-"),
     );
-    println!(
+    say!(
+        out,
         "route: {} ({at}), priority {}",
         d.route.name,
         if d.route.location.is_some() {
@@ -279,10 +365,11 @@ fn explain(
         }
     );
     let upstream = &rules.upstreams[d.authority_upstream()].name;
-    println!("authority: {} (upstream {upstream})", d.authority);
+    say!(out, "authority: {} (upstream {upstream})", d.authority);
     if let (Some(canary), Some(position)) = (&d.route.canary, ex.cohort) {
         match position {
-            Some(pos) => println!(
+            Some(pos) => say!(
+                out,
                 "canary: {}% by {}; this key is at {:.2}%, so it {} {}",
                 canary.percent,
                 canary.key,
@@ -290,14 +377,18 @@ fn explain(
                 if d.canaried { "moves to" } else { "stays on" },
                 d.authority
             ),
-            None => println!(
+            None => say!(
+                out,
                 "canary: {}% by {}; the request has no such key, so it stays on {}",
-                canary.percent, canary.key, d.authority
+                canary.percent,
+                canary.key,
+                d.authority
             ),
         }
     }
     if let Some(shadow) = &d.route.shadow {
-        println!(
+        say!(
+            out,
             "shadow: {} of requests to {} (writes {})",
             shadow.sample,
             d.authority.other(),
@@ -309,9 +400,12 @@ fn explain(
         );
     }
     if d.route.location.is_none() {
-        println!("no route matches: the request passes through to legacy untouched");
+        say!(
+            out,
+            "no route matches: the request passes through to legacy untouched"
+        );
     }
-    println!("routes in precedence order:");
+    say!(out, "routes in precedence order:");
     let width = ex
         .routes
         .iter()
@@ -329,8 +423,9 @@ fn explain(
         } else {
             format!("no: {}", why.join("; "))
         };
-        println!("  {:width$}  {verdict}", r.name);
+        say!(out, "  {:width$}  {verdict}", r.name);
     }
+    emit(&out);
     Ok(())
 }
 
@@ -361,9 +456,11 @@ fn demo(args: DemoArgs) -> Result<()> {
              Try (the x-backend response header says which side answered):\n\
              \x20 curl -i http://{p}/api/orders/42                     # orders-read: legacy is the authority\n\
              \x20 curl -i http://{p}/api/customers/7                   # customers: new is the authority\n\
-             \x20 curl -i -H 'x-customer-id: 1001' http://{p}/api/catalog/lamp   # canary: 25% of customers get new\n\
+             \x20 curl -i -H 'x-customer-id: 42' http://{p}/api/catalog/lamp   # canary: customer 42 is in the 25% that get new\n\
+             \x20 curl -i -H 'x-customer-id: 7' http://{p}/api/catalog/lamp    # customer 7 stays on legacy, every time\n\
+             \x20 curl -i http://{p}/api/orders/43                     # mirrored to new too; odd ids diverge (see the log)\n\
              \x20 curl -i http://{p}/anything/else                     # no rule matches: default route to legacy\n\
-             \x20 ficus rules explain {rules} GET http://{p}/api/catalog/lamp -H 'x-customer-id: 1001'\n\n\
+             \x20 ficus rules explain {rules} GET http://{p}/api/catalog/lamp -H 'x-customer-id: 42'\n\n\
              Ctrl-C stops.",
             admin = running.admin_addr(),
             rules = rules_path.display(),

@@ -83,7 +83,7 @@ fn rules_check_warns_but_passes() {
         )),
         "{out}"
     );
-    assert!(out.contains("ok: 2 routes, 1 warnings"), "{out}");
+    assert!(out.contains("ok: 2 routes, 1 warning"), "{out}");
 }
 
 #[test]

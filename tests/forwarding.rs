@@ -419,3 +419,24 @@ async fn connect_method_is_refused() {
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
     assert_eq!(legacy.count(), 0);
 }
+
+/// An absolute-form request line wins over `Host` (RFC 9112 3.2.2), for routing and forwarding.
+#[tokio::test]
+async fn absolute_form_authority_wins_over_host_for_routing_and_forwarding() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = "[[route]]\nname = \"shop\"\nauthority = \"new\"\n[route.match]\nhost = \"shop.example.com\"\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET http://shop.example.com/x HTTP/1.1\r\nHost: other.example.com\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    assert_eq!(legacy.count(), 0);
+    assert_eq!(new.last().headers["host"], "shop.example.com");
+}

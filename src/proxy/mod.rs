@@ -12,15 +12,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
-use crate::route::{self, RequestHead};
+use crate::route::{self, Decision, RequestHead};
 use crate::rules::{RuleSet, Side};
+use crate::shadow::{Admission, AuthorityResult, MirroredHead, RouteContext, Shadower, Ticket};
 use crate::upstream::{Body, BoxError, ClientCache, Defaults, Upstream};
 use body::{Progress, ProgressClock};
 use error::{ProxyError, rescue};
@@ -43,16 +46,27 @@ pub struct Proxy {
     live: ArcSwap<Live>,
     clients: ClientCache,
     defaults: Defaults,
+    shadow: Arc<Shadower>,
 }
 
 impl Proxy {
-    pub fn new(rules: RuleSet, clients: ClientCache, defaults: Defaults) -> Proxy {
+    pub fn new(
+        rules: RuleSet,
+        clients: ClientCache,
+        defaults: Defaults,
+        shadow: Arc<Shadower>,
+    ) -> Proxy {
         let upstreams = clients.upstreams(&rules.upstreams, &defaults);
         Proxy {
             live: ArcSwap::from_pointee(Live { rules, upstreams }),
             clients,
             defaults,
+            shadow,
         }
+    }
+
+    pub fn shadow(&self) -> &Arc<Shadower> {
+        &self.shadow
     }
 
     /// Publishes a new rule set atomically: requests already routed keep the old snapshot.
@@ -70,17 +84,32 @@ impl Proxy {
         let start = Instant::now();
         let live = self.live.load_full();
         let request_id = headers::ensure_request_id(req.headers_mut());
-        let decision = route::find(
-            &live.rules,
-            &RequestHead::from_request(&req, conn.peer.ip()),
-        );
+        let upgrade = headers::is_upgrade_request(&req);
+        let head = RequestHead::from_request(&req, conn.peer.ip());
+        let decision = route::find(&live.rules, &head);
         let route = decision.route;
         let side = decision.authority;
         let upstream = &live.upstreams[decision.authority_upstream()];
+        // Shadowing is decided up front and never waited on.
+        let admission = match (&route.shadow, &route.comparator) {
+            (Some(_), Some(_)) => Some(self.shadow.admit(route, &head, upgrade)),
+            _ => None,
+        };
         let method = req.method().clone();
         let uri = req.uri().clone();
 
-        let response = match forward(req, upstream, side, conn, &request_id).await {
+        let result = match admission {
+            Some(Admission::Mirror(ticket)) => {
+                self.forward_mirrored(ticket, req, &live, &decision, conn, &request_id, start)
+                    .await
+            }
+            Some(Admission::Skip(outcome)) => {
+                self.shadow.count(&route.name, outcome);
+                forward(req, upstream, side, conn, &request_id).await
+            }
+            None => forward(req, upstream, side, conn, &request_id).await,
+        };
+        let response = match result {
             Ok(resp) => resp,
             Err(e) => {
                 warn!(
@@ -107,21 +136,81 @@ impl Proxy {
         );
         response
     }
+
+    /// Forwards to the authority while teeing both bodies to a shadow task that calls the
+    /// other side and compares. The client's response does not wait on the shadow.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_mirrored(
+        &self,
+        ticket: Ticket,
+        req: Request<Incoming>,
+        live: &Live,
+        decision: &Decision<'_>,
+        conn: ConnInfo,
+        request_id: &HeaderValue,
+        start: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let route = decision.route;
+        let upstream = &live.upstreams[decision.authority_upstream()];
+        let (parts, body) = req.into_parts();
+        let head = MirroredHead {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            conn,
+            request_id: request_id.clone(),
+        };
+        let (body, request_body) = self.shadow.tee_request(&ticket, body);
+        let reservation = ticket.reservation().clone();
+        let (authority_tx, authority_rx) = oneshot::channel();
+        let context = RouteContext {
+            name: route.name.clone(),
+            authority: decision.authority,
+            comparator: route.comparator.clone().unwrap_or_default(),
+            noise_probe: route.shadow.as_ref().map_or(0.0, |s| s.noise_probe),
+            timeout: route
+                .shadow
+                .as_ref()
+                .and_then(|s| s.timeout)
+                .unwrap_or(self.shadow.settings().timeout),
+            shadow: live.upstreams[decision.other_upstream()].clone(),
+            legacy: live.upstreams[route.legacy].clone(),
+        };
+        tokio::spawn(
+            self.shadow
+                .clone()
+                .run(ticket, context, head, request_body, authority_rx),
+        );
+        let req = Request::from_parts(parts, body);
+        match forward(req, upstream, decision.authority, conn, request_id).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                let (body, response_body) = self.shadow.tee_response(&reservation, body);
+                let _ = authority_tx.send(AuthorityResult::Response {
+                    status: parts.status,
+                    headers: parts.headers.clone(),
+                    body: response_body,
+                    started: start,
+                });
+                Ok(Response::from_parts(parts, body.boxed_unsync()))
+            }
+            Err(e) => {
+                let _ = authority_tx.send(AuthorityResult::Failed);
+                Err(e)
+            }
+        }
+    }
 }
 
-/// Sends the request to `upstream` and returns its response head with the body streaming.
-async fn forward(
-    mut req: Request<Incoming>,
+/// Rewrites a client request for `upstream`: URI, version, hop-by-hop headers,
+/// `X-Forwarded-*`, `Via` and `Host`. Shared by the authority call and the shadow call.
+pub(crate) fn upstream_request<B>(
+    mut req: Request<B>,
     upstream: &Upstream,
-    side: Side,
     conn: ConnInfo,
-    request_id: &HeaderValue,
-) -> Result<Response<Body>, ProxyError> {
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed("CONNECT"));
-    }
-    let upgrade = headers::is_upgrade_request(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    upgrade: bool,
+) -> Result<Request<B>, ProxyError> {
     let client_version = req.version();
     let host = original_host(&req);
     *req.uri_mut() = upstream_uri(upstream, req.uri())?;
@@ -139,12 +228,33 @@ async fn forward(
             h.remove(header::HOST);
         }
     }
+    Ok(req)
+}
+
+/// Sends the request to `upstream` and returns its response head with the body streaming.
+async fn forward<B>(
+    mut req: Request<B>,
+    upstream: &Upstream,
+    side: Side,
+    conn: ConnInfo,
+    request_id: &HeaderValue,
+) -> Result<Response<Body>, ProxyError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed("CONNECT"));
+    }
+    let upgrade = headers::is_upgrade_request(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let req = upstream_request(req, upstream, conn, upgrade)?;
     // The timeout runs from the last request byte sent: a long upload is not cut short, and
     // an upstream that stops reading the body still times out.
     let clock = ProgressClock::start();
     let req = req.map(|body| {
         Progress::new(body, clock.clone())
-            .map_err(BoxError::from)
+            .map_err(Into::into)
             .boxed_unsync()
     });
     let mut sent = std::pin::pin!(upstream.client.request(req));
@@ -184,14 +294,14 @@ async fn forward(
     Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
 }
 
-/// The authority the client addressed: the `Host` header, or the URI's authority (HTTP/2).
+/// The authority the client addressed: the URI's authority (HTTP/2, or an absolute-form
+/// request line, which RFC 9112 3.2.2 says wins over `Host`), else the `Host` header. Routing
+/// reads the host in the same order.
 fn original_host<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if let Some(host) = req.headers().get(header::HOST) {
-        return Some(host.clone());
-    }
     req.uri()
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| req.headers().get(header::HOST).cloned())
 }
 
 /// The upstream URI: the upstream's scheme and authority with the request's path and query.

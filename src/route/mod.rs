@@ -241,9 +241,22 @@ fn mismatches(route: &Route, req: &RequestHead<'_>) -> Vec<String> {
         }
     }
     for (k, v) in &route.query {
-        let have = query_value(req.query, k);
-        if have.as_deref() != Some(&**v) {
-            let have = have.map_or("absent".to_string(), |h| format!("{h:?}"));
+        // Any occurrence may match, as in `query_matches`.
+        let values: Vec<String> = req
+            .query
+            .map(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .filter(|(qk, _)| qk == &**k)
+                    .map(|(_, qv)| qv.into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !values.iter().any(|have| have == &**v) {
+            let have = if values.is_empty() {
+                "absent".to_string()
+            } else {
+                format!("{values:?}")
+            };
             why.push(format!("query {k} is {have}, wants {v:?}"));
         }
     }

@@ -112,6 +112,7 @@ fn route_precedence_table() {
         ("GET", "/api/orders/42?v=2", &[], "v2"),
         ("GET", "/api/orders/42?x=1&v=2", &[], "v2"),
         ("GET", "/api/orders/42?v=3", &[], "order"),
+        ("GET", "/api/orders/42?v=3&v=2", &[], "v2"),
         ("GET", "/api", &[], "api"),
         (
             "GET",

@@ -11,6 +11,16 @@ const MAX_ANALYSED_ROUTES: usize = 5_000;
 pub(super) fn warnings(routes: &[Route]) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     if routes.len() > MAX_ANALYSED_ROUTES {
+        if let Some(loc) = routes.first().and_then(|r| r.location.as_ref()) {
+            out.push(warning(
+                loc,
+                format!(
+                    "{} routes: the check for unreachable and overlapping routes is skipped above {MAX_ANALYSED_ROUTES}",
+                    routes.len()
+                ),
+                "split the rules and check the parts separately to analyse them",
+            ));
+        }
         return out;
     }
     for (j, later) in routes.iter().enumerate() {

@@ -20,11 +20,12 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderName, HeaderValue, Method, Uri};
 use toml::Spanned;
 
+use crate::compare::{Comparator, CompareSpec};
 use diag::SourceMap;
 pub use diag::{Diagnostic, Location, Severity};
 pub use model::*;
 use pattern::PathPattern;
-use raw::{RawFile, RawRoute, RawUpstream};
+use raw::{RawCompare, RawFile, RawRoute, RawUpstream};
 
 /// A successfully loaded rule set, with the warnings found on the way.
 #[derive(Debug)]
@@ -39,7 +40,7 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     load_with_env(path, &|name| std::env::var(name).ok())
 }
 
-/// Like [`load`], with the environment given as a function (tests, `rules check`).
+/// Like [`load`], with the environment given as a function (tests, tools).
 pub fn load_with_env(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
@@ -88,7 +89,11 @@ pub fn load_sources(
         env,
         errors,
         upstreams: vec![builtin_upstream("legacy"), builtin_upstream("new")],
-        upstream_names: HashMap::from([(Arc::from("legacy"), 0), (Arc::from("new"), 1)]),
+        upstream_names: HashMap::from([
+            (Arc::from("legacy"), LEGACY_UPSTREAM),
+            (Arc::from("new"), NEW_UPSTREAM),
+        ]),
+        upstream_defined: HashMap::new(),
         routes: Vec::new(),
         route_names: HashMap::new(),
     };
@@ -104,7 +109,13 @@ pub fn load_sources(
         }
     }
     if !builder.errors.is_empty() {
-        return Err(builder.errors);
+        let mut errors = builder.errors;
+        // In file order, as a reader goes through the files (stable for equal locations).
+        errors.sort_by(|a, b| {
+            let (a, b) = (&a.location, &b.location);
+            (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col))
+        });
+        return Err(errors);
     }
 
     let mut routes = builder.routes;
@@ -150,7 +161,12 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, Vec<Diagnostic>> {
     }
     let mut files = Vec::new();
     let mut dirs = vec![path.to_path_buf()];
+    // Symlinked directories are followed once: a link loop must not hang a reload.
+    let mut visited = std::collections::HashSet::new();
     while let Some(dir) = dirs.pop() {
+        if !visited.insert(std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone())) {
+            continue;
+        }
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| fail(format!("cannot list {}: {e}", dir.display()), None))?;
         for entry in entries.flatten() {
@@ -187,8 +203,10 @@ fn parse_error(map: &SourceMap, e: &toml::de::Error) -> Diagnostic {
         )
     } else if message.starts_with("unknown field") {
         Some("check the spelling against docs/routing-rules.md".to_string())
-    } else if message.contains("missing field") {
+    } else if message.contains("missing field `name`") {
         Some("every [[route]] needs a `name`".to_string())
+    } else if message.contains("missing field") {
+        Some("see docs/routing-rules.md for the required keys of this table".to_string())
     } else {
         None
     };
@@ -211,6 +229,8 @@ struct Builder<'e> {
     errors: Vec<Diagnostic>,
     upstreams: Vec<UpstreamDef>,
     upstream_names: HashMap<Arc<str>, usize>,
+    /// Where each upstream of the rules files is defined (duplicates are errors).
+    upstream_defined: HashMap<String, Location>,
     routes: Vec<Route>,
     route_names: HashMap<Arc<str>, Location>,
 }
@@ -231,40 +251,52 @@ impl Builder<'_> {
                 t.preserve_host,
             ),
         };
-        let builtin = self.upstream_names.get(name).copied().filter(|&i| i < 2);
+        if let Some(first) = self.upstream_defined.get(name) {
+            let first = first.clone();
+            return self.error(
+                map,
+                &span,
+                format!("upstream `{name}` is defined twice, first at {first}"),
+                Some("upstream names are shared by all rules files; keep one definition".into()),
+            );
+        }
+        self.upstream_defined
+            .insert(name.to_string(), map.locate(&span));
+        let builtin = match name {
+            "legacy" => Some(LEGACY_UPSTREAM),
+            "new" => Some(NEW_UPSTREAM),
+            _ => None,
+        };
         let url = match (builtin, url) {
             (Some(_), Some(_)) => {
-                return self.error(
+                self.error(
                     map,
                     &span,
                     format!("the URL of `{name}` comes from --{name}, not from the rules"),
                     Some(format!(
-                        "remove `url`; a table `{name} = {{ timeout = \"10s\" }}` may set its timeouts"
+                        "drop the URL; a table `{name} = {{ timeout = \"10s\" }}` may set its timeouts"
                     )),
                 );
+                None
             }
             (Some(_), None) => None,
             (None, None) => {
-                return self.error(
+                self.error(
                     map,
                     &span,
                     format!("upstream `{name}` has no URL"),
                     Some(format!("write `{name} = \"http://host:port\"`")),
                 );
+                None
             }
             (None, Some(url)) => match self.upstream_url(url) {
                 Ok(uri) => Some(uri),
-                Err((msg, hint)) => return self.error(map, &span, msg, Some(hint)),
+                Err((msg, hint)) => {
+                    self.error(map, &span, msg, Some(hint));
+                    None
+                }
             },
         };
-        if builtin.is_none() && self.upstream_names.contains_key(name) {
-            return self.error(
-                map,
-                &span,
-                format!("upstream `{name}` is defined twice"),
-                Some("upstream names are shared by all rules files; keep one definition".into()),
-            );
-        }
         let connect_timeout = connect_timeout.and_then(|d| self.duration(map, &span, d));
         let timeout = timeout.and_then(|d| self.duration(map, &span, d));
         let def = UpstreamDef {
@@ -281,6 +313,8 @@ impl Builder<'_> {
                 slot.timeout = def.timeout;
                 slot.preserve_host = def.preserve_host;
             }
+            // Registered even when invalid, so that routes naming it do not pile up
+            // "unknown upstream" errors on top of the real one.
             None => {
                 self.upstream_names
                     .insert(def.name.clone(), self.upstreams.len());
@@ -492,6 +526,19 @@ impl Builder<'_> {
                     Some("`sample = 0.1` mirrors one request in ten".into()),
                 );
             }
+            let noise_probe = s.noise_probe.as_ref().map_or(0.0, |v| *v.get_ref());
+            if let Some(v) = &s.noise_probe
+                && !(0.0..=1.0).contains(&noise_probe)
+            {
+                self.error(
+                    map,
+                    &v.span(),
+                    format!("noise_probe {noise_probe} is outside 0..1"),
+                    Some(
+                        "`noise_probe = 0.05` asks legacy twice for 5% of compared requests".into(),
+                    ),
+                );
+            }
             let key = match &s.key {
                 Some(k) => Some(self.cohort_key(map, k)?),
                 None => None,
@@ -505,36 +552,11 @@ impl Builder<'_> {
                 writes: s.writes.unwrap_or(false),
                 key,
                 timeout,
+                noise_probe,
             })
         });
-        let compare = raw.compare.map(|c| {
-            let mut out = Compare::default();
-            for path in c.ignore.iter().flatten() {
-                let p = path.get_ref();
-                if p.starts_with('/') || p.is_empty() {
-                    out.ignore.push(p.as_str().into());
-                } else {
-                    self.error(
-                        map,
-                        &path.span(),
-                        format!("bad ignore path `{p}`"),
-                        Some("ignore paths are JSON pointers such as \"/meta/generated_at\", with `*` for any key or index and `**` for any depth".into()),
-                    );
-                }
-            }
-            for header in c.headers.iter().flatten() {
-                match HeaderName::from_bytes(header.get_ref().to_ascii_lowercase().as_bytes()) {
-                    Ok(h) => out.headers.push(h),
-                    Err(_) => self.error(
-                        map,
-                        &header.span(),
-                        format!("bad header name `{}`", header.get_ref()),
-                        None,
-                    ),
-                }
-            }
-            out
-        });
+        let (compare, comparator) = self.compare(map, raw.compare.as_ref());
+        let comparator = comparator.filter(|_| shadow.is_some()).map(Arc::new);
 
         if self.errors.len() != errors_before {
             return;
@@ -556,7 +578,63 @@ impl Builder<'_> {
             canary,
             shadow,
             compare,
+            comparator,
         });
+    }
+
+    /// Builds and compiles `[route.compare]`; errors point at the offending entry when it
+    /// is known, else at the table.
+    fn compare(
+        &mut self,
+        map: &SourceMap,
+        raw: Option<&Spanned<RawCompare>>,
+    ) -> (CompareSpec, Option<Comparator>) {
+        let Some(raw) = raw else {
+            let spec = CompareSpec::default();
+            let compiled = spec.compile().ok();
+            return (spec, compiled);
+        };
+        let table = raw.span();
+        let c = raw.get_ref();
+        let strings = |v: &Option<Vec<Spanned<String>>>| -> Vec<String> {
+            v.iter().flatten().map(|s| s.get_ref().clone()).collect()
+        };
+        let spec = CompareSpec {
+            ignore: strings(&c.ignore),
+            unordered: strings(&c.unordered),
+            array_keys: c
+                .array_keys
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            headers: strings(&c.headers),
+            status_equivalent: c.status_equivalent.clone().unwrap_or_default(),
+            numeric_tolerance: c.numeric_tolerance,
+            ..CompareSpec::default()
+        };
+        match spec.compile() {
+            Ok(compiled) => (spec, Some(compiled)),
+            Err(errors) => {
+                for e in errors {
+                    let element = match e.field {
+                        "ignore" => c.ignore.as_ref(),
+                        "unordered" => c.unordered.as_ref(),
+                        "headers" => c.headers.as_ref(),
+                        _ => None,
+                    }
+                    .and_then(|list| list.get(e.index));
+                    let span = element.map_or(table.clone(), Spanned::span);
+                    self.error(
+                        map,
+                        &span,
+                        format!("compare.{}: {}", e.field, e.message),
+                        Some(e.hint),
+                    );
+                }
+                (spec, None)
+            }
+        }
     }
 
     fn pattern(

@@ -9,6 +9,7 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 
 use super::diag::Location;
 use super::pattern::PathPattern;
+use crate::compare::{Comparator, CompareSpec};
 use crate::route::Index;
 
 /// The two sides of a migration. Whichever is the authority answers the client.
@@ -84,20 +85,19 @@ pub struct Canary {
     pub key: CohortKey,
 }
 
-/// `[route.shadow]`: parsed and validated now; acted on by the shadowing stage.
+/// `[route.shadow]`: which requests are mirrored to the other side.
 #[derive(Debug, Clone)]
 pub struct Shadow {
+    /// Share of requests mirrored, 0..=1.
     pub sample: f64,
+    /// Mirror non-safe methods too.
     pub writes: bool,
+    /// Sample deterministically by this key instead of at random.
     pub key: Option<CohortKey>,
+    /// Overrides the global shadow timeout.
     pub timeout: Option<Duration>,
-}
-
-/// `[route.compare]`: parsed and validated now; acted on by the diff engine.
-#[derive(Debug, Clone, Default)]
-pub struct Compare {
-    pub ignore: Vec<Box<str>>,
-    pub headers: Vec<HeaderName>,
+    /// Share of compared safe requests sent to legacy a second time to learn noisy fields.
+    pub noise_probe: f64,
 }
 
 /// `match.host`: an exact host name or `*.suffix`, compared without the port, case-insensitively.
@@ -166,7 +166,10 @@ pub struct Route {
     pub query: Vec<(Box<str>, Box<str>)>,
     pub canary: Option<Canary>,
     pub shadow: Option<Shadow>,
-    pub compare: Option<Compare>,
+    /// `[route.compare]` as written (defaults when absent).
+    pub compare: CompareSpec,
+    /// The compiled comparison rules; present on routes with a `[route.shadow]`.
+    pub comparator: Option<Arc<Comparator>>,
 }
 
 impl Route {
@@ -194,7 +197,8 @@ impl Route {
             query: Vec::new(),
             canary: None,
             shadow: None,
-            compare: None,
+            compare: CompareSpec::default(),
+            comparator: None,
         }
     }
 }

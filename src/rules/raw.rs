@@ -44,7 +44,7 @@ pub(super) struct RawRoute {
     pub matcher: RawMatch,
     pub canary: Option<RawCanary>,
     pub shadow: Option<RawShadow>,
-    pub compare: Option<RawCompare>,
+    pub compare: Option<Spanned<RawCompare>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -72,6 +72,7 @@ pub(super) struct RawShadow {
     pub writes: Option<bool>,
     pub key: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
+    pub noise_probe: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,4 +80,8 @@ pub(super) struct RawShadow {
 pub(super) struct RawCompare {
     pub ignore: Option<Vec<Spanned<String>>>,
     pub headers: Option<Vec<Spanned<String>>>,
+    pub unordered: Option<Vec<Spanned<String>>>,
+    pub array_keys: Option<BTreeMap<String, String>>,
+    pub status_equivalent: Option<Vec<Vec<u16>>>,
+    pub numeric_tolerance: Option<f64>,
 }

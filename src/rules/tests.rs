@@ -151,6 +151,10 @@ fn rejects_bad_values_with_hints() {
             "bad duration",
         ),
         ("[upstreams]\nx = 5\n", "an upstream"),
+        (
+            "[upstreams]\nx = \"ftp://h\"\n[[route]]\nname = \"a\"\nnew = \"x\"\n",
+            "must be http://",
+        ),
         ("[[route]]\nname = \"default\"\n", "built-in route"),
         ("[[route]]\nname = \"a b\"\n", "bad route name"),
         (
@@ -175,7 +179,7 @@ fn rejects_bad_values_with_hints() {
         ),
         (
             "[[route]]\nname = \"a\"\n[route.compare]\nignore = [\"meta\"]\n",
-            "bad ignore path",
+            "r.toml:4:11: error: compare.ignore: pattern `meta` must start with `/`",
         ),
         ("[[route]]\npriority = 1\n", "missing field `name`"),
         ("[[route]\nname = \"a\"\n", "r.toml:1:"),
@@ -305,4 +309,52 @@ fn env_expansion() {
     assert_eq!(expand_env("${B:-d}", &env).unwrap(), "d");
     assert!(expand_env("${B}", &env).is_err());
     assert!(expand_env("${A", &env).is_err());
+}
+
+#[test]
+fn builtin_upstream_settings_may_be_given_once() {
+    let errs = load_sources(
+        vec![
+            (
+                "a.toml".into(),
+                "[upstreams]\nlegacy = { timeout = \"5s\" }\n".into(),
+            ),
+            (
+                "b.toml".into(),
+                "[upstreams]\nlegacy = { timeout = \"9s\" }\n".into(),
+            ),
+        ],
+        &|_| None,
+    )
+    .unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].to_string().starts_with(
+            "b.toml:2:10: error: upstream `legacy` is defined twice, first at a.toml:2:10"
+        ),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn a_bad_upstream_does_not_cascade_into_its_routes() {
+    let errs = errors("[upstreams]\nx = \"ftp://h\"\n[[route]]\nname = \"a\"\nnew = \"x\"\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+}
+
+#[test]
+fn errors_are_sorted_by_location() {
+    let errs = errors("[upstreams]\nz = \"ftp://z\"\na = \"ftp://a\"\n");
+    assert!(errs[0].starts_with("r.toml:2:"), "{errs:?}");
+    assert!(errs[1].starts_with("r.toml:3:"), "{errs:?}");
+}
+
+#[test]
+fn symlink_loops_in_the_rules_directory_terminate() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("r.toml"), "[[route]]\nname = \"a\"\n").unwrap();
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).unwrap();
+    let files = rule_files(dir.path()).unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
 }

@@ -6,6 +6,10 @@ use tracing_subscriber::fmt::format::FmtSpan;
 
 /// `ficus_rules_reloads_total{result="ok"|"error"}`.
 pub const RULES_RELOADS_TOTAL: &str = "ficus_rules_reloads_total";
+/// `ficus_shadow_total{route, outcome}`: how each request of a shadowed route ended.
+pub const SHADOW_TOTAL: &str = "ficus_shadow_total";
+/// `ficus_comparisons_total{route, result="match"|"diverged"}`.
+pub const COMPARISONS_TOTAL: &str = "ficus_comparisons_total";
 /// Unix time of the last successful rules load.
 pub const RULES_LOADED_TIMESTAMP_SECONDS: &str = "ficus_rules_loaded_timestamp_seconds";
 

@@ -1,0 +1,625 @@
+//! Shadowing: mirror a sample of a route's requests to the side that is not the authority,
+//! compare the two responses once both are known, and hand divergences to the recorder.
+//!
+//! The client's exchange never waits on anything here: admission is a non-blocking check,
+//! the bodies are teed as they stream, and the shadow call, the comparison and the recording
+//! run in a task of their own. The work is bounded (in-flight permits and a memory budget)
+//! and every request of a shadowed route ends in exactly one counted [`Outcome`].
+
+pub mod tee;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tracing::{debug, info};
+
+use crate::compare::{self, Comparator, Comparison, Difference};
+use crate::proxy::ConnInfo;
+use crate::record::{Divergence, RecordedRequest, RecordedResponse, Recorder};
+use crate::route::{RequestHead, cohort_position};
+use crate::rules::{Route, Side};
+use crate::telemetry;
+use crate::upstream::Upstream;
+use tee::{MemoryBudget, Reservation, Teed};
+
+/// How one request of a shadowed route ended, as far as shadowing goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Both responses were complete and compared.
+    Compared,
+    /// Not in the sample.
+    SkippedSample,
+    /// A non-safe method on a route without `shadow.writes = true`.
+    SkippedWrite,
+    /// A body (request, authority's or shadow's response) over the body limit.
+    SkippedBodyLimit,
+    /// Protocol upgrades (WebSocket) are never mirrored.
+    SkippedUpgrade,
+    /// The in-flight limit or the memory budget was reached.
+    DroppedOverload,
+    /// The shadow side failed (connect, reset, bad response).
+    ShadowError,
+    /// The shadow side did not answer within the shadow timeout.
+    ShadowTimeout,
+    /// The authority failed, so there is nothing to compare.
+    AuthorityError,
+    /// The client went away, or a body failed, before both sides were complete.
+    Aborted,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Compared,
+        Outcome::SkippedSample,
+        Outcome::SkippedWrite,
+        Outcome::SkippedBodyLimit,
+        Outcome::SkippedUpgrade,
+        Outcome::DroppedOverload,
+        Outcome::ShadowError,
+        Outcome::ShadowTimeout,
+        Outcome::AuthorityError,
+        Outcome::Aborted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Compared => "compared",
+            Outcome::SkippedSample => "skipped_sample",
+            Outcome::SkippedWrite => "skipped_write",
+            Outcome::SkippedBodyLimit => "skipped_body_limit",
+            Outcome::SkippedUpgrade => "skipped_upgrade",
+            Outcome::DroppedOverload => "dropped_overload",
+            Outcome::ShadowError => "shadow_error",
+            Outcome::ShadowTimeout => "shadow_timeout",
+            Outcome::AuthorityError => "authority_error",
+            Outcome::Aborted => "aborted",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Global shadowing limits (flags of `ficus serve`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_inflight: usize,
+    pub max_memory: usize,
+    pub body_limit: usize,
+    pub timeout: Duration,
+    pub header: HeaderName,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_inflight: 256,
+            max_memory: 64 << 20,
+            body_limit: 1 << 20,
+            timeout: Duration::from_secs(5),
+            header: HeaderName::from_static("x-ficus-shadow"),
+        }
+    }
+}
+
+/// Per-route counts since start.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RouteStats {
+    pub outcomes: HashMap<&'static str, u64>,
+    pub matched: u64,
+    pub diverged: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    outcomes: [u64; Outcome::ALL.len()],
+    matched: u64,
+    diverged: u64,
+}
+
+/// Body paths learned as noise per route: paths where two legacy answers to the same request
+/// differed, with how often.
+#[derive(Debug, Default)]
+pub struct NoiseTable {
+    routes: Mutex<HashMap<Arc<str>, HashMap<String, u64>>>,
+}
+
+impl NoiseTable {
+    fn learn(&self, route: &Arc<str>, paths: impl Iterator<Item = String>) {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let table = routes.entry(route.clone()).or_default();
+        for path in paths {
+            *table.entry(path).or_default() += 1;
+        }
+    }
+
+    fn is_noisy(&self, route: &str, path: &str) -> bool {
+        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        routes
+            .get(route)
+            .is_some_and(|t| t.contains_key(&compare::generalize(path)))
+    }
+
+    /// The noisy paths of a route (generalised, array indices as `*`) with their counts.
+    pub fn paths(&self, route: &str) -> Vec<(String, u64)> {
+        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<_> = routes
+            .get(route)
+            .map(|t| t.iter().map(|(p, n)| (p.clone(), *n)).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}
+
+/// The decision for one request of a shadowed route.
+pub enum Admission {
+    Skip(Outcome),
+    Mirror(Ticket),
+}
+
+/// Permission to mirror one request: an in-flight slot and a share of the memory budget.
+pub struct Ticket {
+    _permit: OwnedSemaphorePermit,
+    reservation: Arc<Reservation>,
+}
+
+impl Ticket {
+    pub(crate) fn reservation(&self) -> &Arc<Reservation> {
+        &self.reservation
+    }
+}
+
+/// The client request's head as the shadow needs it.
+pub struct MirroredHead {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    pub conn: ConnInfo,
+    pub request_id: HeaderValue,
+}
+
+/// The authority's side of one exchange, as the shadow task learns it.
+pub enum AuthorityResult {
+    Response {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: oneshot::Receiver<Teed>,
+        started: Instant,
+    },
+    Failed,
+}
+
+/// What a mirrored exchange needs from its route, captured when it starts.
+pub struct RouteContext {
+    pub name: Arc<str>,
+    pub authority: Side,
+    pub comparator: Arc<Comparator>,
+    pub noise_probe: f64,
+    /// The upstream on the other side (the shadow target).
+    pub shadow: Upstream,
+    /// The legacy upstream, for noise probes.
+    pub legacy: Upstream,
+    /// Time allowed for the whole shadow exchange.
+    pub timeout: Duration,
+}
+
+/// The shadowing stage: admission, the mirrored call, comparison, recording.
+pub struct Shadower {
+    settings: Settings,
+    inflight: Arc<Semaphore>,
+    budget: Arc<MemoryBudget>,
+    counts: Mutex<HashMap<Arc<str>, Counts>>,
+    noise: NoiseTable,
+    recorder: Arc<dyn Recorder>,
+}
+
+impl Shadower {
+    pub fn new(settings: Settings, recorder: Arc<dyn Recorder>) -> Self {
+        Self {
+            inflight: Arc::new(Semaphore::new(settings.max_inflight)),
+            budget: Arc::new(MemoryBudget::new(settings.max_memory)),
+            settings,
+            counts: Mutex::default(),
+            noise: NoiseTable::default(),
+            recorder,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Shadows running now.
+    pub fn inflight(&self) -> usize {
+        self.settings.max_inflight - self.inflight.available_permits()
+    }
+
+    /// Bytes of bodies held by shadows now.
+    pub fn memory_used(&self) -> usize {
+        self.budget.used()
+    }
+
+    pub fn noise(&self) -> &NoiseTable {
+        &self.noise
+    }
+
+    /// Counts per route since start.
+    pub fn stats(&self, route: &str) -> RouteStats {
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = counts.get(route).cloned().unwrap_or_default();
+        RouteStats {
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| (o.as_str(), c.outcomes[o.index()]))
+                .collect(),
+            matched: c.matched,
+            diverged: c.diverged,
+        }
+    }
+
+    /// Decides whether this request of a shadowed route is mirrored. Never waits.
+    pub fn admit(&self, route: &Route, req: &RequestHead<'_>, upgrade: bool) -> Admission {
+        let Some(spec) = &route.shadow else {
+            return Admission::Skip(Outcome::SkippedSample);
+        };
+        let in_sample = match &spec.key {
+            Some(key) => cohort_position(&route.name, key, req).is_some_and(|p| p < spec.sample),
+            None => spec.sample >= 1.0 || fastrand::f64() < spec.sample,
+        };
+        if !in_sample {
+            return Admission::Skip(Outcome::SkippedSample);
+        }
+        if upgrade {
+            return Admission::Skip(Outcome::SkippedUpgrade);
+        }
+        if !spec.writes && !is_safe(req.method) {
+            return Admission::Skip(Outcome::SkippedWrite);
+        }
+        match self.inflight.clone().try_acquire_owned() {
+            Ok(permit) => Admission::Mirror(Ticket {
+                _permit: permit,
+                reservation: Reservation::new(self.budget.clone()),
+            }),
+            Err(_) => Admission::Skip(Outcome::DroppedOverload),
+        }
+    }
+
+    /// Counts one outcome for a route (also as the `ficus_shadow_total` metric).
+    pub fn count(&self, route: &Arc<str>, outcome: Outcome) {
+        self.bump(route, |c| c.outcomes[outcome.index()] += 1);
+        metrics::counter!(telemetry::SHADOW_TOTAL, "route" => route.to_string(), "outcome" => outcome.as_str())
+            .increment(1);
+    }
+
+    fn bump(&self, route: &Arc<str>, f: impl FnOnce(&mut Counts)) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        match counts.get_mut(route) {
+            Some(c) => f(c),
+            None => f(counts.entry(route.clone()).or_default()),
+        }
+    }
+
+    /// Tees the request body for the shadow. Returns the body to forward to the authority.
+    pub fn tee_request<B>(&self, ticket: &Ticket, body: B) -> (tee::Tee<B>, oneshot::Receiver<Teed>)
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+    {
+        tee::Tee::new(body, self.settings.body_limit, ticket.reservation.clone())
+    }
+
+    /// Tees the authority's response body for the comparison.
+    pub fn tee_response<B>(
+        &self,
+        ticket_reservation: &Arc<Reservation>,
+        body: B,
+    ) -> (tee::Tee<B>, oneshot::Receiver<Teed>)
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+    {
+        tee::Tee::new(body, self.settings.body_limit, ticket_reservation.clone())
+    }
+
+    /// Runs one mirrored exchange to its outcome: the shadow call (as soon as the request
+    /// body is complete), then the comparison once the authority's response is complete.
+    pub async fn run(
+        self: Arc<Self>,
+        ticket: Ticket,
+        route: RouteContext,
+        head: MirroredHead,
+        request_body: oneshot::Receiver<Teed>,
+        authority: oneshot::Receiver<AuthorityResult>,
+    ) {
+        let outcome = self
+            .mirror(&ticket, &route, &head, request_body, authority)
+            .await;
+        self.count(&route.name, outcome);
+        drop(ticket);
+    }
+
+    async fn mirror(
+        &self,
+        ticket: &Ticket,
+        route: &RouteContext,
+        head: &MirroredHead,
+        request_body: oneshot::Receiver<Teed>,
+        authority: oneshot::Receiver<AuthorityResult>,
+    ) -> Outcome {
+        let body = match request_body.await {
+            Ok(Teed::Complete(body)) => body,
+            Ok(teed) => return teed_outcome(&teed),
+            Err(_) => return Outcome::Aborted,
+        };
+        // The shadow call starts now, concurrently with the authority's response.
+        let shadow = self.call(
+            route.timeout,
+            &route.shadow,
+            head,
+            body.clone(),
+            &ticket.reservation,
+        );
+        let authority = async {
+            let AuthorityResult::Response {
+                status,
+                headers,
+                body,
+                started,
+            } = authority.await.map_err(|_| Outcome::Aborted)?
+            else {
+                return Err(Outcome::AuthorityError);
+            };
+            match body.await {
+                Ok(Teed::Complete(body)) => Ok(Captured {
+                    status,
+                    headers,
+                    body,
+                    latency: started.elapsed(),
+                }),
+                Ok(teed) => Err(teed_outcome(&teed)),
+                Err(_) => Err(Outcome::Aborted),
+            }
+        };
+        let (shadow, authority) = tokio::join!(shadow, authority);
+        let authority = match authority {
+            Ok(a) => a,
+            Err(outcome) => return outcome,
+        };
+        let shadow = match shadow {
+            Ok(s) => s,
+            Err(outcome) => return outcome,
+        };
+        // Comparisons always read from legacy to new.
+        let (legacy, new) = match route.authority {
+            Side::Legacy => (authority, shadow),
+            Side::New => (shadow, authority),
+        };
+        let comparison = route
+            .comparator
+            .compare(&legacy.as_compare(), &new.as_compare());
+        if !comparison.is_match()
+            && route.noise_probe > 0.0
+            && is_safe(&head.method)
+            && fastrand::f64() < route.noise_probe
+        {
+            self.probe_noise(route, head, &body, &legacy, &ticket.reservation)
+                .await;
+        }
+        let (diffs, noisy_diffs) = self.split_noise(&route.name, comparison);
+        if diffs.is_empty() {
+            self.bump(&route.name, |c| c.matched += 1);
+            metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.to_string(), "result" => "match")
+                .increment(1);
+        } else {
+            self.bump(&route.name, |c| c.diverged += 1);
+            metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.to_string(), "result" => "diverged")
+                .increment(1);
+            let record = divergence(route, head, &body, &legacy, &new, diffs, noisy_diffs);
+            info!(
+                target: "ficus::divergence",
+                route = %route.name,
+                request_id = %record.request_id,
+                diffs = record.diffs.len(),
+                first = %record
+                    .diffs
+                    .first()
+                    .and_then(|d| serde_json::to_string(d).ok())
+                    .unwrap_or_default(),
+                "responses diverged"
+            );
+            self.recorder.record(record);
+        }
+        Outcome::Compared
+    }
+
+    /// Sends the request to `upstream` as a shadow and captures the response (bounded).
+    async fn call(
+        &self,
+        timeout: Duration,
+        upstream: &Upstream,
+        head: &MirroredHead,
+        body: Bytes,
+        reservation: &Reservation,
+    ) -> Result<Captured, Outcome> {
+        let started = Instant::now();
+        let exchange = async {
+            let mut req = Request::new(
+                Full::new(body)
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            *req.method_mut() = head.method.clone();
+            *req.uri_mut() = head.uri.clone();
+            *req.version_mut() = head.version;
+            *req.headers_mut() = head.headers.clone();
+            let mut req = crate::proxy::upstream_request(req, upstream, head.conn, false)
+                .map_err(|_| Outcome::ShadowError)?;
+            req.headers_mut()
+                .insert(self.settings.header.clone(), HeaderValue::from_static("1"));
+            let resp = upstream.client.request(req).await.map_err(|e| {
+                debug!(error = %e, upstream = %upstream.name, "shadow request failed");
+                Outcome::ShadowError
+            })?;
+            let (parts, mut body) = resp.into_parts();
+            let mut buf = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|_| Outcome::ShadowError)?;
+                if let Some(data) = frame.data_ref() {
+                    if buf.len() + data.len() > self.settings.body_limit {
+                        return Err(Outcome::SkippedBodyLimit);
+                    }
+                    if !reservation.try_grow(data.len()) {
+                        return Err(Outcome::DroppedOverload);
+                    }
+                    buf.extend_from_slice(data);
+                }
+            }
+            Ok(Captured {
+                status: parts.status,
+                headers: parts.headers,
+                body: buf.freeze(),
+                latency: started.elapsed(),
+            })
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(Outcome::ShadowTimeout),
+        }
+    }
+
+    /// Asks legacy a second time; paths where its two answers differ are noise.
+    async fn probe_noise(
+        &self,
+        route: &RouteContext,
+        head: &MirroredHead,
+        body: &Bytes,
+        legacy: &Captured,
+        reservation: &Reservation,
+    ) {
+        let Ok(again) = self
+            .call(
+                route.timeout,
+                &route.legacy,
+                head,
+                body.clone(),
+                reservation,
+            )
+            .await
+        else {
+            return;
+        };
+        let noise = route
+            .comparator
+            .compare(&legacy.as_compare(), &again.as_compare());
+        let paths: Vec<String> = noise.body_paths().map(compare::generalize).collect();
+        if !paths.is_empty() {
+            debug!(route = %route.name, paths = ?paths, "learned noisy fields");
+            self.noise.learn(&route.name, paths.into_iter());
+        }
+    }
+
+    fn split_noise(
+        &self,
+        route: &str,
+        comparison: Comparison,
+    ) -> (Vec<Difference>, Vec<Difference>) {
+        comparison.diffs.into_iter().partition(|d| match d {
+            Difference::Body(b) => b.path().is_none_or(|p| !self.noise.is_noisy(route, p)),
+            _ => true,
+        })
+    }
+}
+
+fn teed_outcome(teed: &Teed) -> Outcome {
+    match teed {
+        Teed::Complete(_) => Outcome::Compared,
+        Teed::OverLimit => Outcome::SkippedBodyLimit,
+        Teed::OverBudget => Outcome::DroppedOverload,
+        Teed::Failed => Outcome::Aborted,
+    }
+}
+
+/// Safe methods (RFC 9110 9.2.1): the only ones mirrored unless a route allows writes.
+pub fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// A complete response held for comparison.
+struct Captured {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    latency: Duration,
+}
+
+impl Captured {
+    fn as_compare(&self) -> compare::Response<'_> {
+        compare::Response {
+            status: self.status.as_u16(),
+            headers: &self.headers,
+            body: &self.body,
+        }
+    }
+
+    fn record(&self) -> RecordedResponse {
+        RecordedResponse {
+            status: self.status.as_u16(),
+            headers: header_pairs(&self.headers),
+            body: std::str::from_utf8(&self.body).ok().map(str::to_string),
+            body_len: self.body.len(),
+            latency_ms: self.latency.as_micros() as f64 / 1e3,
+        }
+    }
+}
+
+fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn divergence(
+    route: &RouteContext,
+    head: &MirroredHead,
+    body: &Bytes,
+    legacy: &Captured,
+    new: &Captured,
+    diffs: Vec<Difference>,
+    noisy_diffs: Vec<Difference>,
+) -> Divergence {
+    Divergence {
+        route: route.name.to_string(),
+        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        request_id: head.request_id.to_str().unwrap_or_default().to_string(),
+        authority: route.authority.as_str().to_string(),
+        request: RecordedRequest {
+            method: head.method.to_string(),
+            path: head.uri.path().to_string(),
+            query: head.uri.query().map(str::to_string),
+            headers: header_pairs(&head.headers),
+            body: std::str::from_utf8(body).ok().map(str::to_string),
+            body_len: body.len(),
+        },
+        legacy: legacy.record(),
+        new: new.record(),
+        diffs,
+        noisy_diffs,
+    }
+}

@@ -1,0 +1,424 @@
+//! End to end: shadowing never touches the client's exchange, is bounded, counts every
+//! outcome, and its comparisons end up as divergence records.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::Response;
+use serde_json::{Value, json};
+use support::{Backend, TestProxy, backend_of, client, dead_addr, eventually, full};
+use tokio::sync::Notify;
+
+fn json_backend_body(v: Value) -> Response<support::RespBody> {
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(full(v.to_string()))
+        .unwrap()
+}
+
+async fn json_backend(name: &'static str, v: Value) -> Backend {
+    Backend::with_handler(name, move |_req| {
+        let v = v.clone();
+        async move {
+            let mut r = json_backend_body(v);
+            r.headers_mut().insert("x-backend", name.parse().unwrap());
+            r
+        }
+    })
+    .await
+}
+
+fn shadow_rules(extra: &str) -> String {
+    format!(
+        "[[route]]\nname = \"orders\"\n[route.match]\npath_prefix = \"/api/\"\n[route.shadow]\n{extra}\n"
+    )
+}
+
+fn outcome(proxy: &TestProxy, name: &str) -> u64 {
+    proxy.ficus.proxy().shadow().stats("orders").outcomes[name]
+}
+
+async fn wait_outcomes(proxy: &TestProxy, total: u64) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        let s = proxy.ficus.proxy().shadow().stats("orders");
+        s.outcomes.values().sum::<u64>() >= total
+    })
+    .await
+}
+
+#[tokio::test]
+async fn mirrors_with_shadow_header_and_same_request_id_and_records_divergence() {
+    let legacy = json_backend("legacy", json!({"id": 1, "total": 10.5, "items": [1, 2]})).await;
+    let new = json_backend("new", json!({"items": [1, 2], "total": 11, "id": 1})).await;
+    let proxy = TestProxy::start(&shadow_rules("sample = 1.0"), legacy.url(), new.url()).await;
+    let resp = client()
+        .get(proxy.url("/api/orders/1?x=1"))
+        .header("x-request-id", "req-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(backend_of(&resp), "legacy");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["total"], 10.5,
+        "the client gets the authority's response"
+    );
+    assert!(eventually(Duration::from_secs(5), || async { new.count() == 1 }).await);
+    let shadow = new.last();
+    assert_eq!(shadow.headers["x-ficus-shadow"], "1");
+    assert_eq!(shadow.headers["x-request-id"], "req-1");
+    assert_eq!(
+        shadow.uri.path_and_query().unwrap().as_str(),
+        "/api/orders/1?x=1"
+    );
+    assert!(!legacy.last().headers.contains_key("x-ficus-shadow"));
+
+    assert!(wait_outcomes(&proxy, 1).await);
+    assert_eq!(outcome(&proxy, "compared"), 1);
+    let records = proxy.ficus.recorder().records();
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(
+        (
+            r.route.as_str(),
+            r.authority.as_str(),
+            r.request_id.as_str()
+        ),
+        ("orders", "legacy", "req-1")
+    );
+    let diffs = serde_json::to_value(&r.diffs).unwrap();
+    assert_eq!(
+        diffs,
+        json!([{"in": "body", "op": "replace", "path": "/total", "old": 10.5, "value": 11}])
+    );
+    assert_eq!(r.request.path, "/api/orders/1");
+    assert_eq!(r.legacy.status, 200);
+}
+
+#[tokio::test]
+async fn equal_answers_are_a_match_and_leave_no_record() {
+    let legacy = json_backend("legacy", json!({"a": 1, "b": [1, 2]})).await;
+    let new = json_backend("new", json!({"b": [1, 2], "a": 1.0})).await;
+    let proxy = TestProxy::start(&shadow_rules(""), legacy.url(), new.url()).await;
+    for _ in 0..5 {
+        client().get(proxy.url("/api/x")).send().await.unwrap();
+    }
+    assert!(wait_outcomes(&proxy, 5).await);
+    let stats = proxy.ficus.proxy().shadow().stats("orders");
+    assert_eq!((stats.matched, stats.diverged), (5, 0));
+    assert!(proxy.ficus.recorder().records().is_empty());
+}
+
+#[tokio::test]
+async fn routes_without_shadow_are_not_mirrored() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start("[[route]]\nname = \"orders\"\n", legacy.url(), new.url()).await;
+    for _ in 0..5 {
+        client().get(proxy.url("/api/x")).send().await.unwrap();
+    }
+    assert_eq!(legacy.count(), 5);
+    assert_eq!(new.count(), 0);
+    assert!(
+        proxy
+            .ficus
+            .proxy()
+            .shadow()
+            .stats("orders")
+            .outcomes
+            .values()
+            .all(|&n| n == 0)
+    );
+}
+
+#[tokio::test]
+async fn sampling_mirrors_a_share_and_counts_every_request() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(&shadow_rules("sample = 0.3"), legacy.url(), new.url()).await;
+    let c = client();
+    for i in 0..400 {
+        c.get(proxy.url(&format!("/api/{i}"))).send().await.unwrap();
+    }
+    assert!(wait_outcomes(&proxy, 400).await);
+    let compared = outcome(&proxy, "compared");
+    let skipped = outcome(&proxy, "skipped_sample");
+    assert_eq!(compared + skipped, 400, "exactly one outcome per request");
+    // Binomial(400, 0.3): mean 120, sd 9.2; 80..160 is more than 4 sd either way.
+    assert!((80..=160).contains(&compared), "compared {compared}");
+    assert_eq!(new.count() as u64, compared);
+}
+
+#[tokio::test]
+async fn keyed_sampling_shadows_the_cohort_the_canary_moves() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = "[[route]]\nname = \"orders\"\n[route.canary]\npercent = 30.0\nkey = \"header:x-customer-id\"\n[route.shadow]\nsample = 0.3\nkey = \"header:x-customer-id\"\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    let mut canaried = 0;
+    for i in 0..60 {
+        let resp = c
+            .get(proxy.url("/api/x"))
+            .header("x-customer-id", format!("c{i}"))
+            .send()
+            .await
+            .unwrap();
+        canaried += usize::from(backend_of(&resp) == "new");
+    }
+    assert!(canaried > 0);
+    assert!(wait_outcomes(&proxy, 60).await);
+    // Every canaried request (served by new) was shadowed to legacy; no other was.
+    assert_eq!(outcome(&proxy, "compared"), canaried as u64);
+    assert_eq!(legacy.count(), 60, "44 served + 16 shadows, say");
+    assert_eq!(
+        new.count(),
+        canaried,
+        "new serves the cohort and gets no shadows"
+    );
+}
+
+#[tokio::test]
+async fn writes_are_mirrored_only_when_allowed() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(&shadow_rules(""), legacy.url(), new.url()).await;
+    client()
+        .post(proxy.url("/api/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(wait_outcomes(&proxy, 1).await);
+    assert_eq!(outcome(&proxy, "skipped_write"), 1);
+    assert_eq!(new.count(), 0);
+
+    let new_bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = new_bodies.clone();
+    let new = Backend::with_handler("new", move |req| {
+        let seen = seen.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            seen.lock().unwrap().push(body);
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&shadow_rules("writes = true"), legacy.url(), new.url()).await;
+    client()
+        .post(proxy.url("/api/orders"))
+        .body(r#"{"sku":"A-1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(wait_outcomes(&proxy, 1).await);
+    assert_eq!(outcome(&proxy, "compared"), 1);
+    assert_eq!(
+        new_bodies.lock().unwrap().as_slice(),
+        [r#"{"sku":"A-1"}"#.as_bytes()]
+    );
+}
+
+/// The shadow side hangs until released: every client response must arrive meanwhile.
+#[tokio::test]
+async fn a_hanging_shadow_side_never_holds_the_client() {
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::with_handler("new", move |_req| {
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            Response::new(full("late"))
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(
+        &shadow_rules("timeout = \"300ms\""),
+        legacy.url(),
+        new.url(),
+    )
+    .await;
+    let c = client();
+    for _ in 0..10 {
+        let resp = c.get(proxy.url("/api/x")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(backend_of(&resp), "legacy");
+    }
+    assert!(wait_outcomes(&proxy, 10).await);
+    assert_eq!(outcome(&proxy, "shadow_timeout"), 10);
+    release.notify_waiters();
+}
+
+#[tokio::test]
+async fn a_shadow_side_that_is_down_or_resets_changes_nothing_for_clients() {
+    // Resets: accepts and closes every connection at once.
+    let resetter = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reset_addr = resetter.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = resetter.accept().await {
+            // SO_LINGER 0 turns the close into a reset (RST), which is the point here.
+            #[allow(deprecated)]
+            let _ = s.set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    for target in [dead_addr(), reset_addr] {
+        let legacy = Backend::start("legacy").await;
+        let proxy = TestProxy::start(
+            &shadow_rules(""),
+            legacy.url(),
+            format!("http://{target}").parse().unwrap(),
+        )
+        .await;
+        for _ in 0..10 {
+            let resp = client().get(proxy.url("/api/x")).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+        assert!(wait_outcomes(&proxy, 10).await);
+        assert_eq!(outcome(&proxy, "shadow_error"), 10, "target {target}");
+    }
+}
+
+#[tokio::test]
+async fn in_flight_limit_and_memory_budget_hold_under_a_slow_shadow() {
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let legacy = json_backend("legacy", json!({"pad": "x".repeat(2000)})).await;
+    let new = Backend::with_handler("new", move |_req| {
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            Response::new(full("late"))
+        }
+    })
+    .await;
+    let proxy = TestProxy::start_with(
+        &shadow_rules("timeout = \"10s\""),
+        legacy.url(),
+        new.url(),
+        |c| {
+            c.shadow.max_inflight = 4;
+            c.shadow.max_memory = 64 << 10;
+        },
+    )
+    .await;
+    let c = client();
+    for _ in 0..20 {
+        let resp = c.get(proxy.url("/api/x")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let shadow = proxy.ficus.proxy().shadow();
+        assert!(shadow.inflight() <= 4);
+        assert!(shadow.memory_used() <= 64 << 10);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            outcome(&proxy, "dropped_overload") == 16
+        })
+        .await
+    );
+    release.notify_waiters();
+    assert!(wait_outcomes(&proxy, 20).await);
+    assert_eq!(outcome(&proxy, "compared"), 4);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            proxy.ficus.proxy().shadow().memory_used() == 0
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_skip_the_shadow_but_reach_the_client() {
+    let big = "y".repeat(4096);
+    let legacy = json_backend("legacy", json!({ "big": big })).await;
+    let new = json_backend("new", json!({ "big": big })).await;
+    let proxy = TestProxy::start_with(
+        &shadow_rules("writes = true"),
+        legacy.url(),
+        new.url(),
+        |c| {
+            c.shadow.body_limit = 1024;
+        },
+    )
+    .await;
+    let resp = client().get(proxy.url("/api/big")).send().await.unwrap();
+    assert_eq!(resp.text().await.unwrap().len(), 4096 + 10);
+    client()
+        .post(proxy.url("/api/big"))
+        .body("z".repeat(4096))
+        .send()
+        .await
+        .unwrap();
+    assert!(wait_outcomes(&proxy, 2).await);
+    assert_eq!(outcome(&proxy, "skipped_body_limit"), 2);
+    assert_eq!(
+        legacy.count(),
+        2,
+        "the client's requests all reached the authority"
+    );
+}
+
+#[tokio::test]
+async fn reverse_shadow_compares_from_legacy_to_new() {
+    let legacy = json_backend("legacy", json!({"v": 1})).await;
+    let new = json_backend("new", json!({"v": 2})).await;
+    let rules = "[[route]]\nname = \"orders\"\nauthority = \"new\"\n[route.shadow]\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let resp = client().get(proxy.url("/api/x")).send().await.unwrap();
+    assert_eq!(backend_of(&resp), "new");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            proxy.ficus.recorder().records().len() == 1
+        })
+        .await
+    );
+    let r = &proxy.ficus.recorder().records()[0];
+    assert_eq!(r.authority, "new");
+    assert_eq!(
+        serde_json::to_value(&r.diffs).unwrap(),
+        json!([{"in": "body", "op": "replace", "path": "/v", "old": 1, "value": 2}])
+    );
+    assert_eq!(legacy.last().headers["x-ficus-shadow"], "1");
+}
+
+#[tokio::test]
+async fn noise_probe_learns_a_timestamp_field() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let legacy =
+        Backend::with_handler("legacy", move |_req| {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            async move {
+                json_backend_body(json!({"id": 7, "generated_at": format!("t{n}"), "price": 10}))
+            }
+        })
+        .await;
+    let new = Backend::with_handler("new", |_req| async {
+        json_backend_body(json!({"id": 7, "generated_at": "t-new", "price": 10}))
+    })
+    .await;
+    let proxy = TestProxy::start(&shadow_rules("noise_probe = 1.0"), legacy.url(), new.url()).await;
+    for _ in 0..3 {
+        client().get(proxy.url("/api/x")).send().await.unwrap();
+    }
+    assert!(wait_outcomes(&proxy, 3).await);
+    let noise = proxy.ficus.proxy().shadow().noise().paths("orders");
+    assert_eq!(
+        noise.first().map(|(p, _)| p.as_str()),
+        Some("/generated_at"),
+        "{noise:?}"
+    );
+    let stats = proxy.ficus.proxy().shadow().stats("orders");
+    assert_eq!(
+        (stats.matched, stats.diverged),
+        (3, 0),
+        "noise is not divergence"
+    );
+    assert!(proxy.ficus.recorder().records().is_empty());
+}
