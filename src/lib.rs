@@ -14,6 +14,7 @@ pub mod route;
 pub mod rules;
 pub mod server;
 pub mod shadow;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;
 
@@ -52,8 +53,15 @@ pub struct Config {
     pub watch_rules: bool,
     /// Global shadowing limits.
     pub shadow: shadow::Settings,
-    /// Divergence records kept in memory (until the durable store lands).
-    pub record_capacity: usize,
+    /// Where divergence records go: `sqlite:PATH`, `redis://...`, `rediss://...`,
+    /// `redis+cluster://H:P,H:P`.
+    pub store: String,
+    /// Key prefix in Redis.
+    pub store_prefix: String,
+    /// Queue, spool and retention of the record writer.
+    pub writer: store::writer::WriterConfig,
+    /// Record body limit and the instance name written into records.
+    pub records: record::Policy,
 }
 
 impl Config {
@@ -73,7 +81,10 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             watch_rules: true,
             shadow: shadow::Settings::default(),
-            record_capacity: 10_000,
+            store: "sqlite:ficus.db".to_string(),
+            store_prefix: "ficus:".to_string(),
+            writer: store::writer::WriterConfig::default(),
+            records: record::Policy::default(),
         }
     }
 }
@@ -102,6 +113,10 @@ pub enum StartError {
     UpstreamTls(#[from] upstream::TlsSetupError),
     #[error("cannot watch the rules path: {0}")]
     Watch(#[from] notify::Error),
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("cannot open the spool: {0}")]
+    Spool(std::io::Error),
 }
 
 fn render(diags: &[Diagnostic]) -> String {
@@ -125,7 +140,7 @@ pub struct Ficus {
     admin_addr: SocketAddr,
     config: Config,
     proxy: Arc<Proxy>,
-    recorder: Arc<record::MemoryRecorder>,
+    writer: Arc<store::writer::Writer>,
     reloads: Arc<ReloadStats>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
@@ -163,10 +178,14 @@ impl Ficus {
             timeout: config.upstream_timeout,
             pool_idle_timeout: config.pool_idle_timeout,
         };
-        let recorder = Arc::new(record::MemoryRecorder::new(config.record_capacity));
+        // The store connects lazily (Redis) so that ficus starts, and spools, while it is down.
+        let store = store::open(&config.store, &config.store_prefix).await?;
+        let writer = store::writer::Writer::start(store, config.writer.clone())
+            .map_err(StartError::Spool)?;
         let shadower = Arc::new(shadow::Shadower::new(
             config.shadow.clone(),
-            recorder.clone(),
+            writer.clone(),
+            config.records.clone(),
         ));
         let proxy = Arc::new(Proxy::new(loaded.rules, clients, defaults, shadower));
         let tls = match &config.tls {
@@ -232,7 +251,7 @@ impl Ficus {
             admin_addr,
             config,
             proxy,
-            recorder,
+            writer,
             reloads,
             shutdown,
             server,
@@ -258,9 +277,13 @@ impl Ficus {
         reload(&self.proxy, &self.config.rules, &self.reloads)
     }
 
-    /// The divergence records kept so far.
-    pub fn recorder(&self) -> &Arc<record::MemoryRecorder> {
-        &self.recorder
+    /// The record writer (and through it, the store).
+    pub fn writer(&self) -> &Arc<store::writer::Writer> {
+        &self.writer
+    }
+
+    pub fn store(&self) -> &Arc<dyn store::Store> {
+        self.writer.store()
     }
 
     pub fn reload_stats(&self) -> &ReloadStats {
@@ -272,6 +295,8 @@ impl Ficus {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         let _ = self.admin.await;
+        // Records of exchanges that finished are written (or spooled) before exiting.
+        self.writer.close().await;
         info!("ficus stopped");
     }
 }

@@ -96,6 +96,59 @@ struct ServeArgs {
     no_watch: bool,
     #[command(flatten)]
     shadow: ShadowArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Where divergence records go, and how long they stay.
+#[derive(Args)]
+struct StoreArgs {
+    /// Record store: sqlite:PATH (embedded, default), redis://[:PASSWORD@]HOST:PORT/DB,
+    /// rediss://... (TLS) or redis+cluster://HOST:PORT,HOST:PORT (shared by replicas).
+    #[arg(
+        long,
+        env = "FICUS_STORE",
+        value_name = "URL",
+        default_value = "sqlite:ficus.db"
+    )]
+    store: String,
+    /// Prefix of every Redis key.
+    #[arg(
+        long,
+        env = "FICUS_STORE_PREFIX",
+        value_name = "PREFIX",
+        default_value = "ficus:"
+    )]
+    store_prefix: String,
+    /// Directory of the local spool that holds records while the store is down (one per
+    /// replica).
+    #[arg(
+        long,
+        env = "FICUS_SPOOL_DIR",
+        value_name = "DIR",
+        default_value = "ficus-spool"
+    )]
+    spool_dir: PathBuf,
+    /// Largest spool; beyond it records are dropped (and counted).
+    #[arg(long, env = "FICUS_SPOOL_MAX", value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    spool_max: usize,
+    /// How long divergence records are kept (counters are kept 400 days).
+    #[arg(long, env = "FICUS_RETENTION", value_name = "DURATION", default_value = "7d", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Most records kept per route; the oldest go first.
+    #[arg(
+        long,
+        env = "FICUS_RETENTION_PER_ROUTE",
+        value_name = "N",
+        default_value_t = 100_000
+    )]
+    retention_per_route: usize,
+    /// Bodies longer than this are cut in records (and marked so).
+    #[arg(long, env = "FICUS_RECORD_BODY_LIMIT", value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
+    record_body_limit: usize,
+    /// Name of this replica in records (default: the host name).
+    #[arg(long, env = "FICUS_INSTANCE", value_name = "NAME")]
+    instance: Option<String>,
 }
 
 /// Global limits of shadowing (mirroring to the non-authoritative side).
@@ -267,6 +320,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         timeout: args.shadow.shadow_timeout,
         header: args.shadow.shadow_header,
     };
+    let store = args.store;
+    config.store = store.store;
+    config.store_prefix = store.store_prefix;
+    config.writer.spool_dir = store.spool_dir;
+    config.writer.spool_max_bytes = store.spool_max as u64;
+    config.writer.retention = ficus::store::Retention {
+        records_ms: u64::try_from(store.retention.as_millis()).unwrap_or(u64::MAX),
+        per_route_cap: store.retention_per_route,
+    };
+    config.records.body_limit = store.record_body_limit;
+    if let Some(instance) = store.instance {
+        config.records.instance = instance.into();
+    }
     runtime()?.block_on(ficus::run(config))?;
     Ok(())
 }

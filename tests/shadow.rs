@@ -79,7 +79,7 @@ async fn mirrors_with_shadow_header_and_same_request_id_and_records_divergence()
 
     assert!(wait_outcomes(&proxy, 1).await);
     assert_eq!(outcome(&proxy, "compared"), 1);
-    let records = proxy.ficus.recorder().records();
+    let records = proxy.wait_records(1).await;
     assert_eq!(records.len(), 1);
     let r = &records[0];
     assert_eq!(
@@ -110,7 +110,7 @@ async fn equal_answers_are_a_match_and_leave_no_record() {
     assert!(wait_outcomes(&proxy, 5).await);
     let stats = proxy.ficus.proxy().shadow().stats("orders");
     assert_eq!((stats.matched, stats.diverged), (5, 0));
-    assert!(proxy.ficus.recorder().records().is_empty());
+    assert!(proxy.records().await.is_empty());
 }
 
 #[tokio::test]
@@ -372,13 +372,8 @@ async fn reverse_shadow_compares_from_legacy_to_new() {
     let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
     let resp = client().get(proxy.url("/api/x")).send().await.unwrap();
     assert_eq!(backend_of(&resp), "new");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            proxy.ficus.recorder().records().len() == 1
-        })
-        .await
-    );
-    let r = &proxy.ficus.recorder().records()[0];
+    let records = proxy.wait_records(1).await;
+    let r = &records[0];
     assert_eq!(r.authority, "new");
     assert_eq!(
         serde_json::to_value(&r.diffs).unwrap(),
@@ -420,5 +415,5 @@ async fn noise_probe_learns_a_timestamp_field() {
         (3, 0),
         "noise is not divergence"
     );
-    assert!(proxy.ficus.recorder().records().is_empty());
+    assert!(proxy.records().await.is_empty());
 }

@@ -12,6 +12,7 @@ mod head;
 mod json;
 mod myers;
 mod pattern;
+mod redact;
 mod text;
 
 #[cfg(test)]
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 pub use pattern::{generalize, pattern_matches};
+pub use redact::REDACTED;
 
 use pattern::Pattern;
 
@@ -65,6 +67,9 @@ pub struct CompareSpec {
     pub numeric_tolerance: Option<f64>,
     /// Cap for a decompressed body; larger bodies give a `too_large` difference.
     pub max_decompressed_bytes: usize,
+    /// Body paths whose values are replaced by `"[redacted]"` in records (the comparison
+    /// still sees them).
+    pub redact: Vec<String>,
 }
 
 impl Default for CompareSpec {
@@ -77,6 +82,7 @@ impl Default for CompareSpec {
             status_equivalent: Vec::new(),
             numeric_tolerance: None,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+            redact: Vec::new(),
         }
     }
 }
@@ -110,6 +116,13 @@ impl CompareSpec {
             match Pattern::parse(raw) {
                 Ok(p) => ignore.push(p.and_below()),
                 Err(e) => error("ignore", index, e.message, e.hint),
+            }
+        }
+        let mut redact = Vec::new();
+        for (index, raw) in self.redact.iter().enumerate() {
+            match Pattern::parse(raw) {
+                Ok(p) => redact.push(p),
+                Err(e) => error("redact", index, e.message, e.hint),
             }
         }
         let mut unordered = Vec::new();
@@ -213,6 +226,7 @@ impl CompareSpec {
             headers,
             status_equivalent: self.status_equivalent.clone(),
             max_decompressed_bytes: self.max_decompressed_bytes,
+            redact,
         })
     }
 }
@@ -224,6 +238,7 @@ pub struct Comparator {
     headers: Vec<HeaderName>,
     status_equivalent: Vec<Vec<u16>>,
     max_decompressed_bytes: usize,
+    redact: Vec<Pattern>,
 }
 
 impl Default for Comparator {
@@ -234,6 +249,7 @@ impl Default for Comparator {
             headers: vec![http::header::CONTENT_TYPE],
             status_equivalent: Vec::new(),
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+            redact: Vec::new(),
         }
     }
 }

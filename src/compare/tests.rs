@@ -1017,6 +1017,7 @@ fn spec_errors_name_the_field_and_entry() {
         status_equivalent: vec![vec![200, 204], vec![], vec![204, 42]],
         numeric_tolerance: Some(f64::NAN),
         max_decompressed_bytes: 0,
+        redact: vec!["/card/number".into(), "card".into()],
     };
     let errors = spec.compile().unwrap_err();
     let got: Vec<(&str, usize)> = errors.iter().map(|e| (e.field, e.index)).collect();
@@ -1024,6 +1025,7 @@ fn spec_errors_name_the_field_and_entry() {
         got,
         vec![
             ("ignore", 1),
+            ("redact", 1),
             ("unordered", 0),
             ("array_keys", 0),
             ("array_keys", 1),

@@ -611,6 +611,7 @@ impl Builder<'_> {
             headers: strings(&c.headers),
             status_equivalent: c.status_equivalent.clone().unwrap_or_default(),
             numeric_tolerance: c.numeric_tolerance,
+            redact: strings(&c.redact),
             ..CompareSpec::default()
         };
         match spec.compile() {
@@ -621,6 +622,7 @@ impl Builder<'_> {
                         "ignore" => c.ignore.as_ref(),
                         "unordered" => c.unordered.as_ref(),
                         "headers" => c.headers.as_ref(),
+                        "redact" => c.redact.as_ref(),
                         _ => None,
                     }
                     .and_then(|list| list.get(e.index));

@@ -84,4 +84,5 @@ pub(super) struct RawCompare {
     pub array_keys: Option<BTreeMap<String, String>>,
     pub status_equivalent: Option<Vec<Vec<u16>>>,
     pub numeric_tolerance: Option<f64>,
+    pub redact: Option<Vec<Spanned<String>>>,
 }

@@ -21,7 +21,7 @@ use tracing::{debug, info};
 
 use crate::compare::{self, Comparator, Comparison, Difference};
 use crate::proxy::ConnInfo;
-use crate::record::{Divergence, RecordedRequest, RecordedResponse, Recorder};
+use crate::record::{CapturedRef, Exchange, Policy, Record, Recorder};
 use crate::route::{RequestHead, cohort_position};
 use crate::rules::{Route, Side};
 use crate::telemetry;
@@ -221,11 +221,13 @@ pub struct Shadower {
     counts: Mutex<HashMap<Arc<str>, Counts>>,
     noise: NoiseTable,
     recorder: Arc<dyn Recorder>,
+    policy: Policy,
 }
 
 impl Shadower {
-    pub fn new(settings: Settings, recorder: Arc<dyn Recorder>) -> Self {
+    pub fn new(settings: Settings, recorder: Arc<dyn Recorder>, policy: Policy) -> Self {
         Self {
+            policy,
             inflight: Arc::new(Semaphore::new(settings.max_inflight)),
             budget: Arc::new(MemoryBudget::new(settings.max_memory)),
             settings,
@@ -414,6 +416,7 @@ impl Shadower {
                 .await;
         }
         let (diffs, noisy_diffs) = self.split_noise(&route.name, comparison);
+        self.recorder.count(&route.name, !diffs.is_empty());
         if diffs.is_empty() {
             self.bump(&route.name, |c| c.matched += 1);
             metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.to_string(), "result" => "match")
@@ -422,7 +425,24 @@ impl Shadower {
             self.bump(&route.name, |c| c.diverged += 1);
             metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.to_string(), "result" => "diverged")
                 .increment(1);
-            let record = divergence(route, head, &body, &legacy, &new, diffs, noisy_diffs);
+            let record = Record::build(
+                Exchange {
+                    route: &route.name,
+                    authority: route.authority,
+                    request_id: head.request_id.to_str().unwrap_or_default(),
+                    method: &head.method,
+                    uri: &head.uri,
+                    request_headers: &head.headers,
+                    request_body: &body,
+                    legacy: legacy.captured(),
+                    new: new.captured(),
+                    diffs,
+                    noisy_diffs,
+                    comparator: &route.comparator,
+                },
+                &self.policy,
+                SystemTime::now(),
+            );
             info!(
                 target: "ficus::divergence",
                 route = %route.name,
@@ -572,54 +592,12 @@ impl Captured {
         }
     }
 
-    fn record(&self) -> RecordedResponse {
-        RecordedResponse {
+    fn captured(&self) -> CapturedRef<'_> {
+        CapturedRef {
             status: self.status.as_u16(),
-            headers: header_pairs(&self.headers),
-            body: std::str::from_utf8(&self.body).ok().map(str::to_string),
-            body_len: self.body.len(),
-            latency_ms: self.latency.as_micros() as f64 / 1e3,
+            headers: &self.headers,
+            body: &self.body,
+            latency: self.latency,
         }
-    }
-}
-
-fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect()
-}
-
-fn divergence(
-    route: &RouteContext,
-    head: &MirroredHead,
-    body: &Bytes,
-    legacy: &Captured,
-    new: &Captured,
-    diffs: Vec<Difference>,
-    noisy_diffs: Vec<Difference>,
-) -> Divergence {
-    Divergence {
-        route: route.name.to_string(),
-        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        request_id: head.request_id.to_str().unwrap_or_default().to_string(),
-        authority: route.authority.as_str().to_string(),
-        request: RecordedRequest {
-            method: head.method.to_string(),
-            path: head.uri.path().to_string(),
-            query: head.uri.query().map(str::to_string),
-            headers: header_pairs(&head.headers),
-            body: std::str::from_utf8(body).ok().map(str::to_string),
-            body_len: body.len(),
-        },
-        legacy: legacy.record(),
-        new: new.record(),
-        diffs,
-        noisy_diffs,
     }
 }

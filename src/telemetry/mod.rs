@@ -10,6 +10,8 @@ pub const RULES_RELOADS_TOTAL: &str = "ficus_rules_reloads_total";
 pub const SHADOW_TOTAL: &str = "ficus_shadow_total";
 /// `ficus_comparisons_total{route, result="match"|"diverged"}`.
 pub const COMPARISONS_TOTAL: &str = "ficus_comparisons_total";
+/// `ficus_store_dropped_total{reason}`: divergence records lost (queue or spool full).
+pub const STORE_DROPPED_TOTAL: &str = "ficus_store_dropped_total";
 /// Unix time of the last successful rules load.
 pub const RULES_LOADED_TIMESTAMP_SECONDS: &str = "ficus_rules_loaded_timestamp_seconds";
 

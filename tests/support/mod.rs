@@ -196,6 +196,8 @@ impl TestProxy {
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.admin_listen = "127.0.0.1:0".parse().unwrap();
         config.shutdown_timeout = Duration::from_secs(10);
+        config.store = format!("sqlite:{}", dir.path().join("records.db").display());
+        config.writer.spool_dir = dir.path().join("spool");
         configure(&mut config);
         let ficus = Ficus::start(config).await.unwrap();
         let base = format!("http://{}", ficus.proxy_addr());
@@ -208,6 +210,29 @@ impl TestProxy {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.ficus.admin_addr())
+    }
+
+    /// The records in the store now, newest first.
+    pub async fn records(&self) -> Vec<ficus::record::Record> {
+        let filter = ficus::store::Filter {
+            limit: 1000,
+            ..Default::default()
+        };
+        self.ficus.store().list(&filter).await.unwrap().items
+    }
+
+    /// Waits until the store holds `n` records, and returns them.
+    pub async fn wait_records(&self, n: usize) -> Vec<ficus::record::Record> {
+        let mut found = Vec::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < end {
+            found = self.records().await;
+            if found.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        found
     }
 
     pub fn rules_file(&self) -> std::path::PathBuf {
@@ -262,4 +287,101 @@ pub fn backend_of(resp: &reqwest::Response) -> String {
 
 pub fn status_ok() -> StatusCode {
     StatusCode::OK
+}
+
+/// A real `redis-server` on a free loopback port, with its data in a temp dir (append-only
+/// file, fsync always), so that it can be killed and started again without losing data.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    extra: Vec<String>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (again) on the same port and data directory, and waits until it answers.
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                redis_ping(&addr).await
+            })
+            .await,
+            "redis-server did not start on {addr}"
+        );
+    }
+
+    /// Kills it (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether a Redis answers PING at `addr` (raw RESP, no client library needed).
+pub async fn redis_ping(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if s.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await,
+        Ok(Ok(n)) if buf[..n].starts_with(b"+PONG")
+    )
 }

@@ -1,0 +1,120 @@
+//! Redaction of sensitive body values in what is stored and shown. The comparison itself sees
+//! the real values (a differing redacted field is still reported as differing); only what
+//! leaves the comparison (records, logs) is redacted.
+
+use serde_json::Value;
+
+use super::pattern::{self, Pattern};
+use super::{BodyDiff, Comparator, Difference, PatchOp};
+
+/// What replaces a redacted value.
+pub const REDACTED: &str = "[redacted]";
+
+impl Comparator {
+    /// Whether this route redacts any body path.
+    pub fn redacts(&self) -> bool {
+        !self.redact.is_empty()
+    }
+
+    /// Replaces, in `value` (found at pointer `base` in the body), every value whose path
+    /// matches a redact pattern, with `"[redacted]"`.
+    pub fn redact_value(&self, base: &str, value: &mut Value) {
+        if self.redact.is_empty() {
+            return;
+        }
+        let mut path = base.to_string();
+        redact_walk(&self.redact, &mut path, value);
+    }
+
+    /// Redacts the values a difference carries.
+    pub fn redact_diff(&self, diff: &mut Difference) {
+        if let Difference::Body(BodyDiff::Op(op)) = diff {
+            match op {
+                PatchOp::Add { path, value } => self.redact_value(path, value),
+                PatchOp::Remove { path, old } => self.redact_value(path, old),
+                PatchOp::Replace { path, old, value } => {
+                    self.redact_value(path, old);
+                    self.redact_value(path, value);
+                }
+            }
+        }
+    }
+}
+
+fn redact_walk(patterns: &[Pattern], path: &mut String, value: &mut Value) {
+    if patterns.iter().any(|p| pattern::matches_pointer(p, path)) {
+        *value = Value::String(REDACTED.to_string());
+        return;
+    }
+    let len = path.len();
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                path.push('/');
+                path.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                redact_walk(patterns, path, child);
+                path.truncate(len);
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter_mut().enumerate() {
+                path.push('/');
+                path.push_str(&i.to_string());
+                redact_walk(patterns, path, child);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compare::CompareSpec;
+    use serde_json::json;
+
+    fn comparator(redact: &[&str]) -> Comparator {
+        CompareSpec {
+            redact: redact.iter().map(|s| s.to_string()).collect(),
+            ..CompareSpec::default()
+        }
+        .compile()
+        .unwrap()
+    }
+
+    #[test]
+    fn redacts_matching_values_at_any_depth() {
+        let c = comparator(&["/card/number", "/**/ssn"]);
+        let mut v = json!({"card": {"number": "4111", "exp": "12/30"}, "people": [{"ssn": "1"}, {"name": "a", "x": {"ssn": 2}}]});
+        c.redact_value("", &mut v);
+        assert_eq!(
+            v,
+            json!({"card": {"number": "[redacted]", "exp": "12/30"}, "people": [{"ssn": "[redacted]"}, {"name": "a", "x": {"ssn": "[redacted]"}}]})
+        );
+    }
+
+    #[test]
+    fn redacts_values_inside_differences() {
+        let c = comparator(&["/card/number"]);
+        let mut d = Difference::Body(BodyDiff::Op(PatchOp::Replace {
+            path: "/card/number".into(),
+            old: json!("4111"),
+            value: json!("4222"),
+        }));
+        c.redact_diff(&mut d);
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            json!({"in": "body", "op": "replace", "path": "/card/number", "old": "[redacted]", "value": "[redacted]"})
+        );
+        let mut d = Difference::Body(BodyDiff::Op(PatchOp::Add {
+            path: "/card".into(),
+            value: json!({"number": "4111"}),
+        }));
+        c.redact_diff(&mut d);
+        assert_eq!(
+            serde_json::to_value(&d).unwrap()["value"],
+            json!({"number": "[redacted]"})
+        );
+    }
+}

@@ -1,0 +1,162 @@
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderValue, Method, Uri};
+use serde_json::json;
+
+use super::*;
+use crate::compare::{CompareSpec, PatchOp};
+
+fn exchange<'a>(
+    comparator: &'a Comparator,
+    headers: &'a HeaderMap,
+    uri: &'a Uri,
+    body: &'a [u8],
+    diffs: Vec<Difference>,
+) -> Exchange<'a> {
+    Exchange {
+        route: "orders",
+        authority: Side::Legacy,
+        request_id: "r1",
+        method: &Method::GET,
+        uri,
+        request_headers: headers,
+        request_body: b"",
+        legacy: CapturedRef {
+            status: 200,
+            headers,
+            body,
+            latency: Duration::from_millis(3),
+        },
+        new: CapturedRef {
+            status: 200,
+            headers,
+            body,
+            latency: Duration::from_millis(4),
+        },
+        diffs,
+        noisy_diffs: Vec::new(),
+        comparator,
+    }
+}
+
+fn replace(path: &str) -> Difference {
+    Difference::Body(BodyDiff::Op(PatchOp::Replace {
+        path: path.into(),
+        old: json!(1),
+        value: json!(2),
+    }))
+}
+
+#[test]
+fn fingerprint_groups_records_that_differ_at_the_same_generalised_paths() {
+    let c = Comparator::default();
+    let h = HeaderMap::new();
+    let uri: Uri = "/api/orders/1?x=1".parse().unwrap();
+    let policy = Policy::default();
+    let now = SystemTime::now();
+    let a = Record::build(
+        exchange(&c, &h, &uri, b"{}", vec![replace("/items/0/price")]),
+        &policy,
+        now,
+    );
+    let b = Record::build(
+        exchange(&c, &h, &uri, b"{}", vec![replace("/items/7/price")]),
+        &policy,
+        now,
+    );
+    let other = Record::build(
+        exchange(&c, &h, &uri, b"{}", vec![replace("/total")]),
+        &policy,
+        now,
+    );
+    assert_eq!(a.fingerprint, b.fingerprint);
+    assert_ne!(a.fingerprint, other.fingerprint);
+    assert_eq!(a.paths, ["/items/*/price"]);
+    assert_ne!(a.id, b.id);
+    assert_eq!(a.state, State::Open);
+    assert_eq!(a.request.query.as_deref(), Some("x=1"));
+}
+
+#[test]
+fn ids_sort_by_time_and_carry_it() {
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_000);
+    let t1 = t0 + Duration::from_millis(1);
+    let a = new_id(t0);
+    let b = new_id(t1);
+    assert!(a < b);
+    let c = Comparator::default();
+    let h = HeaderMap::new();
+    let uri: Uri = "/".parse().unwrap();
+    let r = Record::build(exchange(&c, &h, &uri, b"", vec![]), &Policy::default(), t0);
+    assert_eq!(r.at_ms(), 1_790_000_000_000);
+    assert_eq!(r.at, "2026-09-21T14:13:20.000Z");
+}
+
+#[test]
+fn secret_headers_and_redacted_body_paths_never_reach_the_record() {
+    let c = CompareSpec {
+        redact: vec!["/card/number".into()],
+        ..CompareSpec::default()
+    }
+    .compile()
+    .unwrap();
+    let mut h = HeaderMap::new();
+    for name in [
+        "authorization",
+        "cookie",
+        "set-cookie",
+        "proxy-authorization",
+    ] {
+        h.insert(name, HeaderValue::from_static("secret"));
+    }
+    h.insert("x-ok", HeaderValue::from_static("visible"));
+    let uri: Uri = "/".parse().unwrap();
+    let body = br#"{"card":{"number":"4111111111111111"},"total":1}"#;
+    let diffs = vec![Difference::Body(BodyDiff::Op(PatchOp::Replace {
+        path: "/card/number".into(),
+        old: json!("4111111111111111"),
+        value: json!("4222222222222222"),
+    }))];
+    let r = Record::build(
+        exchange(&c, &h, &uri, body, diffs),
+        &Policy::default(),
+        SystemTime::now(),
+    );
+    let text = serde_json::to_string(&r).unwrap();
+    assert!(!text.contains("secret"), "{text}");
+    assert!(!text.contains("4111") && !text.contains("4222"), "{text}");
+    assert!(text.contains("visible"));
+    assert_eq!(
+        r.paths,
+        ["/card/number"],
+        "a redacted field still counts as differing"
+    );
+}
+
+#[test]
+fn bodies_are_cut_at_the_limit_on_a_char_boundary() {
+    let c = Comparator::default();
+    let h = HeaderMap::new();
+    let uri: Uri = "/".parse().unwrap();
+    let body = "é".repeat(10);
+    let policy = Policy {
+        body_limit: 5,
+        ..Policy::default()
+    };
+    let r = Record::build(
+        exchange(&c, &h, &uri, body.as_bytes(), vec![]),
+        &policy,
+        SystemTime::now(),
+    );
+    assert_eq!(r.legacy.body.body.as_deref(), Some("éé"));
+    assert!(r.legacy.body.body_truncated);
+    assert_eq!(r.legacy.body.body_len, 20);
+    let binary = [0xffu8, 0xfe, 0x00];
+    let r = Record::build(
+        exchange(&c, &h, &uri, &binary, vec![]),
+        &policy,
+        SystemTime::now(),
+    );
+    assert_eq!(r.legacy.body.body, None);
+    assert_eq!(r.legacy.body.body_len, 3);
+}

@@ -1,0 +1,164 @@
+//! Durable divergence records: one storage interface with two implementations, an embedded
+//! SQLite store (the default, so the quick start needs nothing) and Redis (shared by all
+//! replicas; also Redis Cluster), plus the writer that keeps the request path away from both.
+//!
+//! Both stores behave the same; `tests/store.rs` runs one behavioural suite against each.
+
+pub mod redis;
+pub mod spool;
+pub mod sqlite;
+pub mod writer;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::record::{Record, State};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bad store URL `{url}`: {message}")]
+    Url { url: String, message: String },
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("store task failed: {0}")]
+    Task(String),
+    #[error("corrupt record {id}: {source}")]
+    Corrupt {
+        id: String,
+        source: serde_json::Error,
+    },
+    #[error("store timed out")]
+    Timeout,
+}
+
+/// Which records to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub route: Option<String>,
+    pub state: Option<State>,
+    pub class: Option<String>,
+    pub fingerprint: Option<String>,
+    /// Inclusive lower bound, Unix ms.
+    pub since_ms: Option<u64>,
+    /// Exclusive upper bound, Unix ms.
+    pub until_ms: Option<u64>,
+    /// At most this many (0 means 50).
+    pub limit: usize,
+    /// The `next` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl Filter {
+    pub fn limit(&self) -> usize {
+        match self.limit {
+            0 => 50,
+            n => n.min(1000),
+        }
+    }
+
+    /// Whether `record` passes every condition but the cursor.
+    pub fn accepts(&self, r: &Record) -> bool {
+        let at = r.at_ms();
+        self.route.as_ref().is_none_or(|v| *v == r.route)
+            && self.state.is_none_or(|v| v == r.state)
+            && self
+                .class
+                .as_ref()
+                .is_none_or(|v| Some(v) == r.class.as_ref())
+            && self
+                .fingerprint
+                .as_ref()
+                .is_none_or(|v| *v == r.fingerprint)
+            && self.since_ms.is_none_or(|v| at >= v)
+            && self.until_ms.is_none_or(|v| at < v)
+    }
+}
+
+/// One page of records and the cursor of the next (`None` at the end).
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    pub items: Vec<Record>,
+    pub next: Option<String>,
+}
+
+/// Comparisons and divergences of a route.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub comparisons: u64,
+    pub divergences: u64,
+}
+
+/// Counts to add for one route and one hour (Unix hours).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CountDelta {
+    pub route: String,
+    pub hour: u64,
+    pub counts: Counts,
+}
+
+/// How long records and counters are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Records older than this are deleted (with their index entries).
+    pub records_ms: u64,
+    /// At most this many records per route; the oldest go first.
+    pub per_route_cap: usize,
+}
+
+/// The storage interface. Writes are idempotent by record id: delivering a record twice
+/// (after a crash, from the spool) stores it once.
+pub trait Store: Send + Sync {
+    /// `"sqlite"` or `"redis"`.
+    fn kind(&self) -> &'static str;
+    /// Stores new records; ids already present are left untouched.
+    fn put<'a>(&'a self, records: &'a [Record]) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Replaces an existing record (state, class, note changes), keeping indexes right.
+    fn update<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
+    fn list<'a>(&'a self, filter: &'a Filter) -> BoxFuture<'a, Result<Page, StoreError>>;
+    /// Adds per-route, per-hour counts (and to the route's totals).
+    fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// A route's totals, and its counts from `since_hour` on.
+    fn counts<'a>(
+        &'a self,
+        route: &'a str,
+        since_hour: u64,
+    ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>>;
+    /// Deletes records past retention; returns how many went.
+    fn expire(&self, retention: Retention, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// Cheap reachability check.
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+/// Opens the store named by `url`: `sqlite:PATH`, `redis://[:PASSWORD@]HOST:PORT/DB`,
+/// `rediss://...` (TLS) or `redis+cluster://HOST:PORT,HOST:PORT,...`.
+pub async fn open(url: &str, prefix: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        return Ok(Arc::new(sqlite::SqliteStore::open(path).await?));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Ok(Arc::new(redis::RedisStore::single(url, prefix)?));
+    }
+    if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+        return Ok(Arc::new(redis::RedisStore::cluster(nodes, prefix).await?));
+    }
+    Err(StoreError::Url {
+        url: url.to_string(),
+        message:
+            "use sqlite:PATH, redis://HOST:PORT/DB, rediss://... or redis+cluster://H1:P1,H2:P2"
+                .into(),
+    })
+}
+
+/// The Unix hour of a Unix ms time.
+pub fn hour_of(ms: u64) -> u64 {
+    ms / 3_600_000
+}

@@ -1,0 +1,447 @@
+//! The Redis store, shared by every replica. Layout (keys under a prefix, default `ficus:`):
+//!
+//! - `{p}rec:{id}`: the record as JSON.
+//! - `{p}idx:all`, `{p}idx:route:{route}`, `{p}idx:state:{state}`, `{p}idx:class:{class}`,
+//!   `{p}idx:fp:{fingerprint}`: sorted sets of ids, all scores 0, so members sort by id; ids
+//!   are UUIDv7, so that is time order and time ranges are lexicographic ranges.
+//! - `{p}routes`: the set of routes seen.
+//! - `{p}cnt:{route}`: hash of total `comparisons` and `divergences`;
+//!   `{p}cnt:{route}:{hour}`: the same per Unix hour, expiring after 400 days.
+//!
+//! Each record is written by one Lua script (atomic; `SET NX` first, so a redelivered record
+//! changes nothing). In Redis Cluster every key carries the same hash tag (`{ficus}:`), since
+//! scripts and transactions must stay within one slot.
+
+use redis::aio::ConnectionLike;
+use redis::{AsyncCommands, Script};
+
+use super::{BoxFuture, CountDelta, Counts, Filter, Page, Retention, Store, StoreError};
+use crate::record::{Record, State};
+
+/// Hour counters outlive records by far: they are the evidence for readiness.
+const HOUR_COUNTER_TTL_SECS: i64 = 400 * 24 * 3600;
+/// Longest window `counts` sums hour by hour.
+const MAX_WINDOW_HOURS: u64 = 24 * 62;
+
+const PUT: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  for i = 2, #KEYS - 1 do redis.call('ZADD', KEYS[i], 0, ARGV[2]) end
+  redis.call('SADD', KEYS[#KEYS], ARGV[3])
+  return 1
+end
+return 0";
+
+const UPDATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+if KEYS[2] ~= KEYS[3] then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('ZADD', KEYS[3], 0, ARGV[2])
+end
+if KEYS[4] ~= KEYS[5] then
+  if KEYS[4] ~= ARGV[3] then redis.call('ZREM', KEYS[4], ARGV[2]) end
+  if KEYS[5] ~= ARGV[3] then redis.call('ZADD', KEYS[5], 0, ARGV[2]) end
+end
+return 1";
+
+const DELETE: &str = r"
+redis.call('DEL', KEYS[1])
+for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1";
+
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+pub struct RedisStore {
+    conn: Conn,
+    prefix: String,
+    update: Script,
+    delete: Script,
+}
+
+/// Runs `$body` with `$c` bound to a connection of either kind.
+macro_rules! with_conn {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self.conn.clone() {
+            Conn::Single(mut $c) => $body,
+            Conn::Cluster(mut $c) => $body,
+        }
+    };
+}
+
+impl RedisStore {
+    /// A single Redis (`redis://` or `rediss://`); connects lazily, reconnects by itself.
+    pub fn single(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_response_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_number_of_retries(1);
+        let conn = client.get_connection_manager_lazy(config)?;
+        Ok(Self::with(Conn::Single(conn), prefix.to_string()))
+    }
+
+    /// A Redis Cluster from its seed nodes `host:port,host:port,...`.
+    pub async fn cluster(nodes: &str, prefix: &str) -> Result<RedisStore, StoreError> {
+        let nodes: Vec<String> = nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| format!("redis://{n}"))
+            .collect();
+        let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(std::time::Duration::from_secs(2))
+            .response_timeout(std::time::Duration::from_secs(2))
+            .build()?;
+        let conn = client.get_async_connection().await?;
+        // One hash tag for every key: scripts may only touch keys of one slot.
+        let prefix = if prefix.contains('{') {
+            prefix.to_string()
+        } else {
+            format!("{{{}}}:", prefix.trim_end_matches(':'))
+        };
+        Ok(Self::with(Conn::Cluster(conn), prefix))
+    }
+
+    fn with(conn: Conn, prefix: String) -> RedisStore {
+        RedisStore {
+            conn,
+            prefix,
+            update: Script::new(UPDATE),
+            delete: Script::new(DELETE),
+        }
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    fn rec(&self, id: &str) -> String {
+        self.key(&["rec", id])
+    }
+
+    fn state_key(&self, state: State) -> String {
+        self.key(&["idx", "state", state.as_str()])
+    }
+
+    /// The class index of a record; records without a class map to a key that is never
+    /// written (a placeholder in the same hash slot, as Redis Cluster requires).
+    fn class_key(&self, class: Option<&str>) -> String {
+        class.map_or_else(|| self.no_class_key(), |c| self.key(&["idx", "class", c]))
+    }
+
+    fn no_class_key(&self) -> String {
+        self.key(&["noclass"])
+    }
+
+    /// Every index a record is in, and the record key first.
+    fn keys_of(&self, r: &Record) -> Vec<String> {
+        let mut keys = vec![
+            self.rec(&r.id),
+            self.key(&["idx", "all"]),
+            self.key(&["idx", "route", &r.route]),
+            self.state_key(r.state),
+            self.key(&["idx", "fp", &r.fingerprint]),
+        ];
+        if let Some(class) = &r.class {
+            keys.push(self.class_key(Some(class)));
+        }
+        keys
+    }
+
+    async fn run_script<C: ConnectionLike + Send>(
+        c: &mut C,
+        script: &Script,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<i64, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        Ok(invocation.invoke_async(c).await?)
+    }
+
+    async fn fetch(&self, ids: &[String]) -> Result<Vec<Record>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.rec(id)).collect();
+        // One GET per key: in a cluster MGET would need one slot (it has one, but a plain
+        // pipeline keeps this independent of the prefix).
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.get(k);
+        }
+        let values: Vec<Option<String>> = with_conn!(self, c => pipe.query_async(&mut c).await?);
+        let mut out = Vec::new();
+        for (id, v) in ids.iter().zip(values) {
+            if let Some(json) = v {
+                out.push(
+                    serde_json::from_str(&json).map_err(|source| StoreError::Corrupt {
+                        id: id.clone(),
+                        source,
+                    })?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_record(&self, r: &Record) -> Result<(), StoreError> {
+        let keys = self.keys_of(r);
+        let args = [r.id.clone()];
+        with_conn!(self, c => Self::run_script(&mut c, &self.delete, &keys, &args).await)?;
+        Ok(())
+    }
+
+    async fn delete_ids(&self, ids: &[String]) -> Result<u64, StoreError> {
+        let records = self.fetch(ids).await?;
+        for r in &records {
+            self.delete_record(r).await?;
+        }
+        // Index entries without a record (should not exist) are removed too.
+        let all = self.key(&["idx", "all"]);
+        let _: i64 = with_conn!(self, c => c.zrem(&all, ids).await?);
+        Ok(records.len() as u64)
+    }
+}
+
+/// The first 13 characters of the UUIDv7 of `ms` (`xxxxxxxx-xxxx`): every id of that
+/// millisecond starts with it, so it bounds lexicographic ranges.
+fn id_prefix(ms: u64) -> String {
+    let hex = format!("{:012x}", ms & 0xffff_ffff_ffff);
+    format!("{}-{}", &hex[..8], &hex[8..])
+}
+
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn put<'a>(&'a self, records: &'a [Record]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if records.is_empty() {
+                return Ok(());
+            }
+            // One round trip per batch: the scripts are pipelined (EVAL; Redis caches them).
+            let routes = self.key(&["routes"]);
+            let mut pipe = redis::pipe();
+            for r in records {
+                let json = serde_json::to_string(r).unwrap_or_default();
+                let mut keys = self.keys_of(r);
+                keys.push(routes.clone());
+                pipe.cmd("EVAL")
+                    .arg(PUT)
+                    .arg(keys.len())
+                    .arg(&keys)
+                    .arg(json)
+                    .arg(&r.id)
+                    .arg(&r.route)
+                    .ignore();
+            }
+            let () = with_conn!(self, c => pipe.query_async(&mut c).await?);
+            Ok(())
+        })
+    }
+
+    fn update<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let Some(old) = self.get(&record.id).await? else {
+                return Ok(());
+            };
+            let keys = [
+                self.rec(&record.id),
+                self.state_key(old.state),
+                self.state_key(record.state),
+                self.class_key(old.class.as_deref()),
+                self.class_key(record.class.as_deref()),
+            ];
+            let args = [
+                serde_json::to_string(record).unwrap_or_default(),
+                record.id.clone(),
+                self.no_class_key(),
+            ];
+            with_conn!(self, c => Self::run_script(&mut c, &self.update, &keys, &args).await)?;
+            Ok(())
+        })
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
+        Box::pin(async move { Ok(self.fetch(&[id.to_string()]).await?.pop()) })
+    }
+
+    fn list<'a>(&'a self, f: &'a Filter) -> BoxFuture<'a, Result<Page, StoreError>> {
+        Box::pin(async move {
+            // The most selective index the filter names; other conditions are checked here.
+            let index = if let Some(fp) = &f.fingerprint {
+                self.key(&["idx", "fp", fp])
+            } else if let Some(class) = &f.class {
+                self.key(&["idx", "class", class])
+            } else if let Some(route) = &f.route {
+                self.key(&["idx", "route", route])
+            } else if let Some(state) = f.state {
+                self.state_key(state)
+            } else {
+                self.key(&["idx", "all"])
+            };
+            let limit = f.limit();
+            let mut upper = match (&f.cursor, f.until_ms) {
+                (Some(cursor), Some(until)) => {
+                    format!("({}", cursor.as_str().min(&id_prefix(until)))
+                }
+                (Some(cursor), None) => format!("({cursor}"),
+                (None, Some(until)) => format!("({}", id_prefix(until)),
+                (None, None) => "+".to_string(),
+            };
+            let lower = f
+                .since_ms
+                .map_or("-".to_string(), |s| format!("[{}", id_prefix(s)));
+            let mut items = Vec::new();
+            // Bounded scan: at most 20 batches per page; the cursor lets the caller go on.
+            for _ in 0..20 {
+                let batch = (limit + 1).max(100);
+                let ids: Vec<String> = with_conn!(self, c => c
+                    .zrevrangebylex_limit(&index, &upper, &lower, 0, batch as isize)
+                    .await?);
+                let exhausted = ids.len() < batch;
+                if let Some(last) = ids.last() {
+                    upper = format!("({last}");
+                }
+                for r in self.fetch(&ids).await? {
+                    if f.accepts(&r) {
+                        items.push(r);
+                    }
+                }
+                if items.len() > limit {
+                    items.truncate(limit);
+                    let next = items.last().map(|r| r.id.clone());
+                    return Ok(Page { items, next });
+                }
+                if exhausted {
+                    return Ok(Page { items, next: None });
+                }
+            }
+            let next = upper.strip_prefix('(').map(str::to_string);
+            Ok(Page { items, next })
+        })
+    }
+
+    fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            for d in deltas {
+                let total = self.key(&["cnt", &d.route]);
+                let hour = self.key(&["cnt", &d.route, &d.hour.to_string()]);
+                for key in [&total, &hour] {
+                    pipe.hincr(key, "comparisons", d.counts.comparisons)
+                        .ignore();
+                    pipe.hincr(key, "divergences", d.counts.divergences)
+                        .ignore();
+                }
+                pipe.expire(&hour, HOUR_COUNTER_TTL_SECS).ignore();
+                pipe.sadd(self.key(&["routes"]), &d.route).ignore();
+            }
+            let () = with_conn!(self, c => pipe.query_async(&mut c).await?);
+            Ok(())
+        })
+    }
+
+    fn counts<'a>(
+        &'a self,
+        route: &'a str,
+        since_hour: u64,
+    ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>> {
+        Box::pin(async move {
+            let now_hour = super::hour_of(crate::store::writer::now_ms());
+            let first = since_hour.max(now_hour.saturating_sub(MAX_WINDOW_HOURS));
+            let mut pipe = redis::pipe();
+            let hmget = |pipe: &mut redis::Pipeline, key: String| {
+                pipe.cmd("HMGET")
+                    .arg(key)
+                    .arg("comparisons")
+                    .arg("divergences");
+            };
+            hmget(&mut pipe, self.key(&["cnt", route]));
+            for h in first..=now_hour {
+                hmget(&mut pipe, self.key(&["cnt", route, &h.to_string()]));
+            }
+            let rows: Vec<(Option<u64>, Option<u64>)> =
+                with_conn!(self, c => pipe.query_async(&mut c).await?);
+            let to_counts = |(c, d): (Option<u64>, Option<u64>)| Counts {
+                comparisons: c.unwrap_or(0),
+                divergences: d.unwrap_or(0),
+            };
+            let mut rows = rows.into_iter();
+            let total = rows.next().map(to_counts).unwrap_or_default();
+            let window = rows.map(to_counts).fold(Counts::default(), |a, b| Counts {
+                comparisons: a.comparisons + b.comparisons,
+                divergences: a.divergences + b.divergences,
+            });
+            Ok((total, window))
+        })
+    }
+
+    fn expire(&self, retention: Retention, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let all = self.key(&["idx", "all"]);
+            let cutoff = format!(
+                "({}",
+                id_prefix(now_ms.saturating_sub(retention.records_ms))
+            );
+            let mut gone = 0;
+            loop {
+                let ids: Vec<String> =
+                    with_conn!(self, c => c.zrangebylex_limit(&all, "-", &cutoff, 0, 500).await?);
+                if ids.is_empty() {
+                    break;
+                }
+                gone += self.delete_ids(&ids).await?;
+            }
+            let routes: Vec<String> =
+                with_conn!(self, c => c.smembers(self.key(&["routes"])).await?);
+            for route in routes {
+                let index = self.key(&["idx", "route", &route]);
+                let n: usize = with_conn!(self, c => c.zcard(&index).await?);
+                if n > retention.per_route_cap {
+                    let excess = n - retention.per_route_cap;
+                    let ids: Vec<String> = with_conn!(self, c => c
+                        .zrangebylex_limit(&index, "-", "+", 0, excess as isize)
+                        .await?);
+                    gone += self.delete_ids(&ids).await?;
+                }
+            }
+            Ok(gone)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let _: String = with_conn!(self, c => redis::cmd("PING").query_async(&mut c).await?);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_prefix_bounds_uuid_v7_ids() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_790_000_000_123);
+        let id = crate::record::new_id(t);
+        let p = id_prefix(1_790_000_000_123);
+        assert!(id.starts_with(&p), "{id} {p}");
+        assert!(id_prefix(1_790_000_000_122) < id);
+        assert!(id_prefix(1_790_000_000_124).as_str() > id.as_str());
+    }
+}

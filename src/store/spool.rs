@@ -1,0 +1,132 @@
+//! The local spool: where records go while the store is slow or down. An append-only file of
+//! JSON lines, fsync'd once per batch and bounded in size, and a small offset file saying how
+//! far delivery got. Records are delivered in order; after a crash the remainder is delivered
+//! on the next start. Redelivery is harmless: stores write idempotently by record id.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use tracing::warn;
+
+use crate::record::Record;
+
+pub struct Spool {
+    path: PathBuf,
+    offset_path: PathBuf,
+    file: File,
+    len: u64,
+    offset: u64,
+    max_bytes: u64,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir`, picking up what a previous run left.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Spool> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("records.jsonl");
+        let offset_path = dir.join("delivered.offset");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)?;
+        let len = file.metadata()?.len();
+        let offset = std::fs::read_to_string(&offset_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(len);
+        Ok(Spool {
+            path,
+            offset_path,
+            file,
+            len,
+            offset,
+            max_bytes,
+        })
+    }
+
+    /// Whether records wait for delivery.
+    pub fn pending(&self) -> bool {
+        self.len > self.offset
+    }
+
+    /// Bytes waiting for delivery.
+    pub fn pending_bytes(&self) -> u64 {
+        self.len - self.offset
+    }
+
+    /// Appends as many records as fit under the size bound, with one fsync; returns how many
+    /// were appended (the rest are the caller's to count as dropped).
+    pub fn append(&mut self, records: &[Record]) -> io::Result<usize> {
+        let mut buf = Vec::new();
+        let mut appended = 0;
+        for r in records {
+            let mut line = serde_json::to_vec(r).map_err(io::Error::other)?;
+            line.push(b'\n');
+            if self.len + (buf.len() + line.len()) as u64 > self.max_bytes {
+                break;
+            }
+            buf.extend_from_slice(&line);
+            appended += 1;
+        }
+        if !buf.is_empty() {
+            self.file.write_all(&buf)?;
+            self.file.sync_data()?;
+            self.len += buf.len() as u64;
+        }
+        Ok(appended)
+    }
+
+    /// Reads up to `max` records from the delivery offset; returns them with the offset
+    /// just after them (to pass to [`Spool::commit`] once they are stored).
+    pub fn read_batch(&self, max: usize) -> io::Result<(Vec<Record>, u64)> {
+        let mut reader = BufReader::new(File::open(&self.path)?);
+        reader.seek(SeekFrom::Start(self.offset))?;
+        let mut records = Vec::new();
+        let mut offset = self.offset;
+        let mut line = Vec::new();
+        while records.len() < max && offset < self.len {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                // A torn last line (crash mid-append, never fsync'd): nothing more to read.
+                break;
+            }
+            offset += n as u64;
+            match serde_json::from_slice::<Record>(&line) {
+                Ok(r) => records.push(r),
+                Err(e) => warn!(error = %e, "skipping a corrupt spool line"),
+            }
+        }
+        Ok((records, offset))
+    }
+
+    /// Marks everything before `offset` as delivered; empties the spool once all is.
+    pub fn commit(&mut self, offset: u64) -> io::Result<()> {
+        self.offset = offset.min(self.len);
+        if self.offset == self.len || self.offset_is_torn_tail()? {
+            self.file.set_len(0)?;
+            self.file.sync_all()?;
+            self.len = 0;
+            self.offset = 0;
+        }
+        let tmp = self.offset_path.with_extension("tmp");
+        std::fs::write(&tmp, self.offset.to_string())?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &self.offset_path)
+    }
+
+    /// Whether only a torn (never completed) line remains after the offset.
+    fn offset_is_torn_tail(&self) -> io::Result<bool> {
+        let mut reader = BufReader::new(File::open(&self.path)?);
+        reader.seek(SeekFrom::Start(self.offset))?;
+        let mut rest = Vec::new();
+        reader.read_until(b'\n', &mut rest)?;
+        Ok(!rest.is_empty() && rest.last() != Some(&b'\n'))
+    }
+}
+
+#[cfg(test)]
+mod tests;

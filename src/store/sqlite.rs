@@ -1,0 +1,275 @@
+//! The embedded store: one SQLite file, in WAL mode. Calls run on the blocking pool.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{BoxFuture, CountDelta, Counts, Filter, Page, Retention, Store, StoreError};
+use crate::record::Record;
+
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    id          TEXT PRIMARY KEY,
+    route       TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    class       TEXT,
+    fingerprint TEXT NOT NULL,
+    json        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_route ON records (route, id);
+CREATE INDEX IF NOT EXISTS records_state ON records (state, id);
+CREATE INDEX IF NOT EXISTS records_fingerprint ON records (fingerprint, id);
+CREATE INDEX IF NOT EXISTS records_at ON records (at_ms);
+CREATE TABLE IF NOT EXISTS counts (
+    route       TEXT NOT NULL,
+    hour        INTEGER NOT NULL,
+    comparisons INTEGER NOT NULL DEFAULT 0,
+    divergences INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (route, hour)
+);
+";
+
+impl SqliteStore {
+    pub async fn open(path: &str) -> Result<SqliteStore, StoreError> {
+        let path = path.to_string();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
+            if let Some(dir) = Path::new(&path).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let conn = Connection::open(&path)?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.execute_batch(SCHEMA)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'static, Result<T, StoreError>> {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+                f(&mut conn)
+            })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+        })
+    }
+}
+
+fn decode(id: &str, json: &str) -> Result<Record, StoreError> {
+    serde_json::from_str(json).map_err(|source| StoreError::Corrupt {
+        id: id.to_string(),
+        source,
+    })
+}
+
+/// SQLite integers are signed; times and counts fit comfortably.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn encode(r: &Record) -> String {
+    serde_json::to_string(r).unwrap_or_default()
+}
+
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn put<'a>(&'a self, records: &'a [Record]) -> BoxFuture<'a, Result<(), StoreError>> {
+        let rows: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r.id.clone(),
+                    r.route.clone(),
+                    int(r.at_ms()),
+                    r.state.as_str(),
+                    r.class.clone(),
+                    r.fingerprint.clone(),
+                    encode(r),
+                )
+            })
+            .collect();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO records (id, route, at_ms, state, class, fingerprint, json)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for (id, route, at, state, class, fp, json) in &rows {
+                    insert.execute(params![id, route, at, state, class, fp, json])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn update<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), StoreError>> {
+        let (id, state, class, json) = (
+            record.id.clone(),
+            record.state.as_str(),
+            record.class.clone(),
+            encode(record),
+        );
+        self.with(move |conn| {
+            conn.execute(
+                "UPDATE records SET state = ?2, class = ?3, json = ?4 WHERE id = ?1",
+                params![id, state, class, json],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
+        let id = id.to_string();
+        self.with(move |conn| {
+            let json: Option<String> = conn
+                .query_row("SELECT json FROM records WHERE id = ?1", [&id], |row| {
+                    row.get(0)
+                })
+                .optional()?;
+            json.map(|j| decode(&id, &j)).transpose()
+        })
+    }
+
+    fn list<'a>(&'a self, filter: &'a Filter) -> BoxFuture<'a, Result<Page, StoreError>> {
+        let f = filter.clone();
+        self.with(move |conn| {
+            let limit = f.limit();
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, json FROM records
+                 WHERE (?1 IS NULL OR route = ?1)
+                   AND (?2 IS NULL OR state = ?2)
+                   AND (?3 IS NULL OR class = ?3)
+                   AND (?4 IS NULL OR fingerprint = ?4)
+                   AND (?5 IS NULL OR at_ms >= ?5)
+                   AND (?6 IS NULL OR at_ms < ?6)
+                   AND (?7 IS NULL OR id < ?7)
+                 ORDER BY id DESC LIMIT ?8",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    f.route,
+                    f.state.map(|s| s.as_str()),
+                    f.class,
+                    f.fingerprint,
+                    f.since_ms.map(int),
+                    f.until_ms.map(int),
+                    f.cursor,
+                    limit as i64 + 1,
+                ],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)),
+            )?;
+            let mut items = Vec::new();
+            for row in rows {
+                let (id, json) = row?;
+                items.push(decode(&id, &json)?);
+            }
+            let next = if items.len() > limit {
+                items.truncate(limit);
+                items.last().map(|r| r.id.clone())
+            } else {
+                None
+            };
+            Ok(Page { items, next })
+        })
+    }
+
+    fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>> {
+        let deltas = deltas.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO counts (route, hour, comparisons, divergences) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (route, hour) DO UPDATE SET
+                        comparisons = comparisons + excluded.comparisons,
+                        divergences = divergences + excluded.divergences",
+                )?;
+                for d in &deltas {
+                    upsert.execute(params![
+                        d.route,
+                        int(d.hour),
+                        int(d.counts.comparisons),
+                        int(d.counts.divergences)
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn counts<'a>(
+        &'a self,
+        route: &'a str,
+        since_hour: u64,
+    ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>> {
+        let route = route.to_string();
+        self.with(move |conn| {
+            let sum = |since: u64| -> Result<Counts, StoreError> {
+                Ok(conn.query_row(
+                    "SELECT COALESCE(SUM(comparisons), 0), COALESCE(SUM(divergences), 0)
+                     FROM counts WHERE route = ?1 AND hour >= ?2",
+                    params![route, int(since)],
+                    |row| {
+                        Ok(Counts {
+                            comparisons: row.get::<_, i64>(0)?.max(0) as u64,
+                            divergences: row.get::<_, i64>(1)?.max(0) as u64,
+                        })
+                    },
+                )?)
+            };
+            Ok((sum(0)?, sum(since_hour)?))
+        })
+    }
+
+    fn expire(&self, retention: Retention, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.with(move |conn| {
+            let cutoff = now_ms.saturating_sub(retention.records_ms);
+            let mut gone =
+                conn.execute("DELETE FROM records WHERE at_ms < ?1", [int(cutoff)])? as u64;
+            // Per-route cap: keep the newest `cap` records of each route.
+            gone += conn.execute(
+                "DELETE FROM records WHERE id IN (
+                    SELECT id FROM (
+                        SELECT id, ROW_NUMBER() OVER (PARTITION BY route ORDER BY id DESC) AS n
+                        FROM records
+                    ) WHERE n > ?1
+                )",
+                [retention.per_route_cap as i64],
+            )? as u64;
+            Ok(gone)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.with(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,374 @@
+//! The storage contract, run against every store: embedded SQLite, a real `redis-server`, and
+//! a real 3-node Redis Cluster, all on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ficus::compare::{BodyDiff, Comparator, Difference, PatchOp};
+use ficus::record::{CapturedRef, Exchange, Policy, Record, State};
+use ficus::rules::Side;
+use ficus::store::{self, CountDelta, Counts, Filter, Retention, Store};
+use http::{HeaderMap, Method, Uri};
+use serde_json::json;
+use support::RedisServer;
+
+fn record(route: &str, at: SystemTime, path: &str) -> Record {
+    let c = Comparator::default();
+    let h = HeaderMap::new();
+    let uri: Uri = "/api/x".parse().unwrap();
+    let captured = || CapturedRef {
+        status: 200,
+        headers: &h,
+        body: b"{}",
+        latency: Duration::from_millis(1),
+    };
+    Record::build(
+        Exchange {
+            route,
+            authority: Side::Legacy,
+            request_id: "rid",
+            method: &Method::GET,
+            uri: &uri,
+            request_headers: &h,
+            request_body: b"",
+            legacy: captured(),
+            new: captured(),
+            diffs: vec![Difference::Body(BodyDiff::Op(PatchOp::Replace {
+                path: path.into(),
+                old: json!(1),
+                value: json!(2),
+            }))],
+            noisy_diffs: Vec::new(),
+            comparator: &c,
+        },
+        &Policy::default(),
+        at,
+    )
+}
+
+fn ms(at: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(at)
+}
+
+async fn list(store: &dyn Store, f: Filter) -> Vec<String> {
+    store
+        .list(&f)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|r| r.id)
+        .collect()
+}
+
+/// The behaviour every store must have.
+async fn contract(store: Arc<dyn Store>) {
+    let now = store::writer::now_ms();
+    let base = now - 3_600_000;
+    let a: Vec<Record> = (0..5)
+        .map(|i| record("orders", ms(base + i * 1000), "/total"))
+        .collect();
+    let b: Vec<Record> = (0..3)
+        .map(|i| record("users", ms(base + 500 + i * 1000), "/items/0/name"))
+        .collect();
+    store.put(&a).await.unwrap();
+    store.put(&b).await.unwrap();
+
+    // get, and idempotent put: a redelivered record does not overwrite a changed one.
+    let mut first = store.get(&a[0].id).await.unwrap().unwrap();
+    assert_eq!(first, a[0]);
+    first.state = State::Acknowledged;
+    first.class = Some("defect".into());
+    first.note = Some("rounding".into());
+    store.update(&first).await.unwrap();
+    store.put(&a[..1]).await.unwrap();
+    assert_eq!(store.get(&a[0].id).await.unwrap().unwrap(), first);
+    assert!(store.get("no-such-id").await.unwrap().is_none());
+
+    // Newest first, with pagination.
+    let all: Vec<String> = {
+        let mut v: Vec<&Record> = a.iter().chain(&b).collect();
+        v.sort_by(|x, y| y.id.cmp(&x.id));
+        v.into_iter().map(|r| r.id.clone()).collect()
+    };
+    assert_eq!(list(&*store, Filter::default()).await, all);
+    let page1 = store
+        .list(&Filter {
+            limit: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page1.items.len(), 3);
+    let page2 = store
+        .list(&Filter {
+            limit: 3,
+            cursor: page1.next.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let page3 = store
+        .list(&Filter {
+            limit: 3,
+            cursor: page2.next.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page3.next, None);
+    let paged: Vec<String> = [page1, page2, page3]
+        .into_iter()
+        .flat_map(|p| p.items)
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(paged, all);
+
+    // Filters.
+    let route = list(
+        &*store,
+        Filter {
+            route: Some("users".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(route.len(), 3);
+    let acknowledged = list(
+        &*store,
+        Filter {
+            state: Some(State::Acknowledged),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(acknowledged, [a[0].id.clone()]);
+    let open = list(
+        &*store,
+        Filter {
+            state: Some(State::Open),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(open.len(), 7, "the update moved the record out of `open`");
+    let defects = list(
+        &*store,
+        Filter {
+            class: Some("defect".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(defects, [a[0].id.clone()]);
+    let group = list(
+        &*store,
+        Filter {
+            fingerprint: Some(b[1].fingerprint.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(group.len(), 3);
+    let window = list(
+        &*store,
+        Filter {
+            since_ms: Some(base + 1000),
+            until_ms: Some(base + 3000),
+            ..Default::default()
+        },
+    )
+    .await;
+    // orders at +1000, +2000; users at +1500, +2500.
+    assert_eq!(window.len(), 4, "{window:?}");
+    let combined = list(
+        &*store,
+        Filter {
+            route: Some("orders".into()),
+            state: Some(State::Open),
+            limit: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(combined, [a[4].id.clone(), a[3].id.clone()]);
+
+    // Counters add up, in total and per hour.
+    let hour = store::hour_of(now);
+    let delta = |h, c, d| CountDelta {
+        route: "orders".into(),
+        hour: h,
+        counts: Counts {
+            comparisons: c,
+            divergences: d,
+        },
+    };
+    store
+        .add_counts(&[delta(hour - 30, 100, 1), delta(hour, 10, 2)])
+        .await
+        .unwrap();
+    store.add_counts(&[delta(hour, 5, 0)]).await.unwrap();
+    let (total, recent) = store.counts("orders", hour - 24).await.unwrap();
+    assert_eq!(
+        total,
+        Counts {
+            comparisons: 115,
+            divergences: 3
+        }
+    );
+    assert_eq!(
+        recent,
+        Counts {
+            comparisons: 15,
+            divergences: 2
+        }
+    );
+    assert_eq!(
+        store.counts("nobody", 0).await.unwrap().0,
+        Counts::default()
+    );
+
+    // Retention: older records go, with their index entries; the per-route cap keeps the newest.
+    let old = record("orders", ms(now - 10 * 24 * 3_600_000), "/total");
+    store.put(std::slice::from_ref(&old)).await.unwrap();
+    let retention = Retention {
+        records_ms: 7 * 24 * 3_600_000,
+        per_route_cap: 4,
+    };
+    let gone = store.expire(retention, now).await.unwrap();
+    assert_eq!(
+        gone, 2,
+        "the old record and the oldest `orders` record over the cap"
+    );
+    assert!(store.get(&old.id).await.unwrap().is_none());
+    assert!(store.get(&a[0].id).await.unwrap().is_none());
+    let orders = list(
+        &*store,
+        Filter {
+            route: Some("orders".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(orders.len(), 4);
+    assert!(
+        list(
+            &*store,
+            Filter {
+                class: Some("defect".into()),
+                ..Default::default()
+            }
+        )
+        .await
+        .is_empty()
+    );
+    assert_eq!(list(&*store, Filter::default()).await.len(), 7);
+    // Counters outlive records.
+    assert_eq!(store.counts("orders", 0).await.unwrap().0.comparisons, 115);
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("r.db").display());
+    contract(store::open(&url, "ficus:").await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn redis_store_keeps_the_contract_and_leaves_no_dangling_index_entries() {
+    let redis = RedisServer::start().await;
+    let store = store::open(&redis.url(), "ficus:").await.unwrap();
+    contract(store).await;
+    // Every index entry points at a stored record.
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--scan",
+            "--pattern",
+            "ficus:idx:*",
+        ])
+        .output()
+        .unwrap();
+    let keys = String::from_utf8(out.stdout).unwrap();
+    let mut members = 0;
+    for key in keys.lines() {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "ZRANGE", key, "0", "-1"])
+            .output()
+            .unwrap();
+        for id in String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
+            members += 1;
+            let exists = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &redis.port.to_string(),
+                    "EXISTS",
+                    &format!("ficus:rec:{id}"),
+                ])
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(exists.stdout).unwrap().trim(),
+                "1",
+                "{key} -> {id}"
+            );
+        }
+    }
+    // 7 records, each in idx:all, idx:route, idx:state and idx:fp.
+    assert_eq!(members, 7 * 4);
+}
+
+#[tokio::test]
+async fn redis_cluster_store_keeps_the_contract() {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(
+            RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+            ])
+            .await,
+        );
+    }
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let status = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "redis-cli --cluster create failed");
+    // Wait until the cluster reports ok on every node.
+    for addr in &addrs {
+        let port = addr.rsplit(':').next().unwrap().to_string();
+        let ok = support::eventually(Duration::from_secs(20), || {
+            let port = port.clone();
+            async move {
+                let out = std::process::Command::new("redis-cli")
+                    .args(["-p", &port, "CLUSTER", "INFO"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+            }
+        })
+        .await;
+        assert!(ok, "cluster never became ok on {addr}");
+    }
+    let url = format!("redis+cluster://{}", addrs.join(","));
+    contract(store::open(&url, "ficus:").await.unwrap()).await;
+}
