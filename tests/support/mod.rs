@@ -311,6 +311,18 @@ impl RedisServer {
         Self::start_with(&[]).await
     }
 
+    /// Starts on a given port (one a test handed out before the server existed).
+    pub async fn start_on(port: u16) -> RedisServer {
+        let mut server = RedisServer {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            extra: Vec::new(),
+        };
+        server.restart().await;
+        server
+    }
+
     pub async fn start_with(extra: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
