@@ -51,6 +51,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Reload the rules when files under `rules` change.
     pub watch_rules: bool,
+    /// Proxy worker threads, each with its own runtime, listener and upstream pools
+    /// (0: one per CPU).
+    pub workers: usize,
     /// Global shadowing limits.
     pub shadow: shadow::Settings,
     /// Where divergence records go: `sqlite:PATH`, `redis://...`, `rediss://...`,
@@ -80,6 +83,7 @@ impl Config {
             pool_idle_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             watch_rules: true,
+            workers: 0,
             shadow: shadow::Settings::default(),
             store: "sqlite:ficus.db".to_string(),
             store_prefix: "ficus:".to_string(),
@@ -143,7 +147,8 @@ pub struct Ficus {
     writer: Arc<store::writer::Writer>,
     reloads: Arc<ReloadStats>,
     shutdown: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    /// One per worker thread; resolves when the worker has drained and stopped.
+    server: Vec<tokio::sync::oneshot::Receiver<()>>,
     admin: JoinHandle<()>,
     _watch: Option<rules::watch::RulesWatch>,
 }
@@ -169,8 +174,10 @@ impl Ficus {
         }
         let route_count = loaded.rules.routes.len();
         record_load_time(&loaded.rules);
-        let clients =
-            upstream::ClientCache::new(config.upstream_ca.as_deref(), config.pool_idle_timeout)?;
+        let clients = Arc::new(upstream::ClientCache::new(
+            config.upstream_ca.as_deref(),
+            config.pool_idle_timeout,
+        )?);
         let defaults = upstream::Defaults {
             legacy: config.legacy.clone(),
             new: config.new.clone(),
@@ -193,9 +200,17 @@ impl Ficus {
             None => None,
         };
 
-        let listener = server::bind(config.listen, "proxy").await?;
+        let workers = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let listeners = server::bind_workers(config.listen, workers)?;
         let admin_listener = server::bind(config.admin_listen, "admin").await?;
-        let proxy_addr = listener.local_addr()?;
+        let proxy_addr = listeners
+            .first()
+            .map(std::net::TcpListener::local_addr)
+            .transpose()?
+            .unwrap_or(config.listen);
         let admin_addr = admin_listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -216,13 +231,33 @@ impl Ficus {
                 error!(error = %e, "admin listener failed");
             }
         });
-        let server = tokio::spawn(server::serve(
-            listener,
-            tls,
-            proxy.clone(),
-            shutdown_rx,
-            config.shutdown_timeout,
-        ));
+        // Thread per core: each worker runs a single-threaded runtime with its own listener
+        // (SO_REUSEPORT) and its own upstream pools, so an exchange never hops threads.
+        let mut server = Vec::with_capacity(listeners.len());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            let (proxy, tls, stop) = (proxy.clone(), tls.clone(), shutdown_rx.clone());
+            let drain = config.shutdown_timeout;
+            std::thread::Builder::new()
+                .name(format!("ficus-worker-{i}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => return error!(error = %e, "cannot start a worker runtime"),
+                    };
+                    runtime.block_on(async move {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => server::serve(listener, tls, proxy, stop, drain).await,
+                            Err(e) => error!(error = %e, "cannot adopt the proxy listener"),
+                        }
+                    });
+                    let _ = done.send(());
+                })?;
+            server.push(finished);
+        }
 
         let reloads = Arc::new(ReloadStats::default());
         let watch = if config.watch_rules {
@@ -244,6 +279,7 @@ impl Ficus {
             legacy = %config.legacy,
             new = %config.new,
             tls = config.tls.is_some(),
+            workers,
             "ficus is serving"
         );
         Ok(Ficus {
@@ -293,7 +329,9 @@ impl Ficus {
     /// Stops accepting, lets in-flight requests finish (up to the shutdown timeout), returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.server.await;
+        for worker in self.server {
+            let _ = worker.await;
+        }
         let _ = self.admin.await;
         // Records of exchanges that finished are written (or spooled) before exiting.
         self.writer.close().await;

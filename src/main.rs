@@ -14,6 +14,9 @@ use ficus::rules::{self, Severity};
 use ficus::telemetry::{self, LogFormat};
 use ficus::{Config, TlsFiles};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// ficus: a reverse proxy for strangler-fig migrations.
 ///
 /// ficus stands in front of a legacy HTTP system and routes each request, by rules kept in
@@ -94,6 +97,10 @@ struct ServeArgs {
     /// Do not watch the rules path (reload on SIGHUP only).
     #[arg(long, env = "FICUS_NO_WATCH")]
     no_watch: bool,
+    /// Proxy worker threads, each with its own listener (SO_REUSEPORT) and upstream pools;
+    /// 0 means one per CPU.
+    #[arg(long, env = "FICUS_WORKERS", value_name = "N", default_value_t = 0)]
+    workers: usize,
     #[command(flatten)]
     shadow: ShadowArgs,
     #[command(flatten)]
@@ -293,8 +300,12 @@ macro_rules! say {
     }};
 }
 
+/// The control runtime: admin API, record writer, rules watch. Proxy traffic runs on the
+/// worker threads that `Ficus::start` creates, one single-threaded runtime each.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ficus-control")
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -313,6 +324,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     config.upstream_timeout = args.upstream_timeout;
     config.shutdown_timeout = args.shutdown_timeout;
     config.watch_rules = !args.no_watch;
+    config.workers = args.workers;
     config.shadow = ficus::shadow::Settings {
         max_inflight: args.shadow.shadow_max_inflight.max(1),
         max_memory: args.shadow.shadow_max_memory,

@@ -44,7 +44,7 @@ pub struct ConnInfo {
 /// Shared proxy state. Requests read the live snapshot once; reloads publish a new one.
 pub struct Proxy {
     live: ArcSwap<Live>,
-    clients: ClientCache,
+    clients: Arc<ClientCache>,
     defaults: Defaults,
     shadow: Arc<Shadower>,
 }
@@ -52,7 +52,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         rules: RuleSet,
-        clients: ClientCache,
+        clients: Arc<ClientCache>,
         defaults: Defaults,
         shadow: Arc<Shadower>,
     ) -> Proxy {
@@ -257,7 +257,7 @@ where
             .map_err(Into::into)
             .boxed_unsync()
     });
-    let mut sent = std::pin::pin!(upstream.client.request(req));
+    let mut sent = std::pin::pin!(upstream.client().request(req));
     let mut resp = loop {
         let last = clock.last();
         match tokio::time::timeout_at((last + upstream.timeout).into(), &mut sent).await {

@@ -156,6 +156,33 @@ async fn serve_connection<S>(
     }
 }
 
+/// Binds `n` listeners to one address with `SO_REUSEPORT`, one per worker thread, so that the
+/// kernel spreads connections over the workers. Must run inside a Tokio runtime; the
+/// listeners come back as std listeners, to be adopted by each worker's runtime.
+pub fn bind_workers(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let named = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} (proxy): {e}"))
+    };
+    let mut out = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n.max(1) {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(named)?;
+        socket.set_reuseaddr(true).map_err(named)?;
+        socket.set_reuseport(true).map_err(named)?;
+        socket.bind(addr).map_err(named)?;
+        let listener = socket.listen(1024).map_err(named)?;
+        // Port 0 picks a port once; the other workers join it.
+        addr = listener.local_addr()?;
+        out.push(listener.into_std()?);
+    }
+    Ok(out)
+}
+
 /// Binds a TCP listener with a clear error naming the address.
 pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {

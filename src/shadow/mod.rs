@@ -484,7 +484,7 @@ impl Shadower {
                 .map_err(|_| Outcome::ShadowError)?;
             req.headers_mut()
                 .insert(self.settings.header.clone(), HeaderValue::from_static("1"));
-            let resp = upstream.client.request(req).await.map_err(|e| {
+            let resp = upstream.client().request(req).await.map_err(|e| {
                 debug!(error = %e, upstream = %upstream.name, "shadow request failed");
                 Outcome::ShadowError
             })?;

@@ -1,9 +1,13 @@
 //! Upstreams: pooled keep-alive HTTP/1.1 clients (plain or rustls TLS) per connect timeout,
 //! shared across rules reloads so that a reload never drops warm connections.
+//!
+//! Each worker thread has its own clients (and so its own connection pools): a request and the
+//! upstream connection it uses are always driven by the same thread, with no cross-thread
+//! wake-ups on the hot path.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,16 +39,43 @@ pub struct Defaults {
     pub pool_idle_timeout: Duration,
 }
 
-/// A live upstream: where to send requests and with which client.
-#[derive(Debug, Clone)]
+/// A live upstream: where to send requests and with which settings.
+#[derive(Clone)]
 pub struct Upstream {
     pub name: Arc<str>,
     pub scheme: Scheme,
     pub authority: Authority,
-    pub client: HttpClient,
     pub timeout: Duration,
     pub preserve_host: bool,
+    connect_timeout: Duration,
+    clients: Arc<ClientCache>,
 }
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("scheme", &self.scheme)
+            .field("authority", &self.authority)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// This thread's pooled client for the upstream.
+    pub fn client(&self) -> HttpClient {
+        self.clients.client(self.connect_timeout)
+    }
+}
+
+thread_local! {
+    /// Clients of this thread, by (cache id, connect timeout).
+    static CLIENTS: std::cell::RefCell<HashMap<(u64, Duration), HttpClient>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -62,9 +93,9 @@ pub enum TlsSetupError {
 /// Builds clients on demand and keeps them, keyed by connect timeout (the only connector
 /// setting that differs between upstreams), so pools survive reloads.
 pub struct ClientCache {
+    id: u64,
     tls: rustls::ClientConfig,
     pool_idle_timeout: Duration,
-    clients: Mutex<HashMap<Duration, HttpClient>>,
 }
 
 impl ClientCache {
@@ -96,40 +127,39 @@ impl ClientCache {
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(Self {
+            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             tls,
             pool_idle_timeout,
-            clients: Mutex::new(HashMap::new()),
         })
     }
 
+    /// This thread's client for a connect timeout, created on first use.
     pub fn client(&self, connect_timeout: Duration) -> HttpClient {
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        clients
-            .entry(connect_timeout)
-            .or_insert_with(|| {
-                let mut http = HttpConnector::new();
-                http.enforce_http(false);
-                http.set_nodelay(true);
-                http.set_connect_timeout(Some(connect_timeout));
-                http.set_keepalive(Some(Duration::from_secs(60)));
-                let https = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(self.tls.clone())
-                    .https_or_http()
-                    .enable_http1()
-                    .wrap_connector(http);
-                Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(self.pool_idle_timeout)
-                    .build(https)
-            })
-            .clone()
+        CLIENTS.with_borrow_mut(|clients| {
+            clients
+                .entry((self.id, connect_timeout))
+                .or_insert_with(|| {
+                    let mut http = HttpConnector::new();
+                    http.enforce_http(false);
+                    http.set_nodelay(true);
+                    http.set_connect_timeout(Some(connect_timeout));
+                    http.set_keepalive(Some(Duration::from_secs(60)));
+                    let https = hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(self.tls.clone())
+                        .https_or_http()
+                        .enable_http1()
+                        .wrap_connector(http);
+                    Client::builder(TokioExecutor::new())
+                        .pool_timer(TokioTimer::new())
+                        .pool_idle_timeout(self.pool_idle_timeout)
+                        .build(https)
+                })
+                .clone()
+        })
     }
 
     /// Turns the rules' upstream definitions into live upstreams.
-    pub fn upstreams(&self, defs: &[UpstreamDef], defaults: &Defaults) -> Vec<Upstream> {
+    pub fn upstreams(self: &Arc<Self>, defs: &[UpstreamDef], defaults: &Defaults) -> Vec<Upstream> {
         defs.iter()
             .enumerate()
             .map(|(i, def)| {
@@ -145,9 +175,10 @@ impl ClientCache {
                     name: def.name.clone(),
                     scheme,
                     authority,
-                    client: self.client(def.connect_timeout.unwrap_or(defaults.connect_timeout)),
                     timeout: def.timeout.unwrap_or(defaults.timeout),
                     preserve_host: def.preserve_host,
+                    connect_timeout: def.connect_timeout.unwrap_or(defaults.connect_timeout),
+                    clients: self.clone(),
                 }
             })
             .collect()
