@@ -252,3 +252,118 @@ async fn a_spool_left_by_a_crash_is_delivered_on_the_next_start() {
     second.wait().unwrap();
     assert!(delivered, "the spool was not delivered after the restart");
 }
+
+/// `rediss://` with a password, against a real TLS redis-server whose certificate comes from a
+/// private CA (trusted through SSL_CERT_FILE, as an operator would add it to the trust store).
+#[tokio::test]
+async fn records_reach_redis_over_tls_with_a_password() {
+    let (legacy, new) = backends().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::pki(dir.path());
+    let redis_port = free_port();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &redis_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--tls-cert-file")
+        .arg(&pki.cert)
+        .arg("--tls-key-file")
+        .arg(&pki.key)
+        .arg("--tls-ca-cert-file")
+        .arg(&pki.ca)
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret",
+            "--save",
+            "",
+        ])
+        .arg("--logfile")
+        .arg(dir.path().join("redis.log"))
+        .spawn()
+        .unwrap();
+    let cli = |args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["--tls", "--cacert"])
+            .arg(&pki.ca)
+            .args([
+                "-h",
+                "localhost",
+                "-p",
+                &redis_port.to_string(),
+                "-a",
+                "s3cret",
+                "--no-auth-warning",
+            ])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            cli(&["PING"]) == "PONG"
+        })
+        .await,
+        "TLS redis-server did not start: {} / cli: {}",
+        std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default(),
+        cli(&["PING"])
+    );
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut ficus = Command::new(FICUS)
+        .arg("serve")
+        .args(["--rules", dir.path().join("rules.toml").to_str().unwrap()])
+        .args([
+            "--legacy",
+            &legacy.url().to_string(),
+            "--new",
+            &new.url().to_string(),
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args([
+            "--store",
+            &format!("rediss://:s3cret@localhost:{redis_port}/0"),
+        ])
+        .arg("--spool-dir")
+        .arg(dir.path().join("spool"))
+        .args(["--log", "warn"])
+        .env("SSL_CERT_FILE", &pki.ca)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = client();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            c.get(format!("http://127.0.0.1:{admin}/readyz"))
+                .send()
+                .await
+                .is_ok()
+        })
+        .await
+    );
+    for i in 0..3 {
+        let resp = c
+            .get(format!("http://127.0.0.1:{port}/api/{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let stored = eventually(Duration::from_secs(15), || async {
+        cli(&["ZCARD", "ficus:idx:all"]) == "3"
+    })
+    .await;
+    let _ = ficus.kill();
+    let _ = ficus.wait();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert!(stored, "records did not reach Redis over TLS");
+}
