@@ -177,6 +177,16 @@ async fn redis_killed_mid_traffic_loses_and_doubles_nothing() {
 
 const FICUS: &str = env!("CARGO_BIN_EXE_ficus");
 
+/// A child process that is killed however the test ends (a panic included).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// ficus is SIGKILLed with records in its spool (Redis down); the next start delivers them.
 #[tokio::test]
 async fn a_spool_left_by_a_crash_is_delivered_on_the_next_start() {
@@ -186,28 +196,30 @@ async fn a_spool_left_by_a_crash_is_delivered_on_the_next_start() {
     let redis_port = free_port();
     let spawn = |store: String| {
         let (port, admin) = (free_port(), free_port());
-        let child = Command::new(FICUS)
-            .arg("serve")
-            .args(["--rules", dir.path().to_str().unwrap()])
-            .args([
-                "--legacy",
-                &legacy.url().to_string(),
-                "--new",
-                &new.url().to_string(),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--store", &store])
-            .arg("--spool-dir")
-            .arg(dir.path().join("spool"))
-            .args(["--log", "warn"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = KillOnDrop(
+            Command::new(FICUS)
+                .arg("serve")
+                .args(["--rules", dir.path().to_str().unwrap()])
+                .args([
+                    "--legacy",
+                    &legacy.url().to_string(),
+                    "--new",
+                    &new.url().to_string(),
+                ])
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .args(["--store", &store])
+                .arg("--spool-dir")
+                .arg(dir.path().join("spool"))
+                .args(["--log", "warn"])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         (child, port, admin)
     };
     let redis_url = format!("redis://127.0.0.1:{redis_port}/0");
-    let (mut first, port, admin) = spawn(redis_url.clone());
+    let (first, port, admin) = spawn(redis_url.clone());
     let c = client();
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -234,12 +246,11 @@ async fn a_spool_left_by_a_crash_is_delivered_on_the_next_start() {
         .await,
         "records never reached the spool"
     );
-    first.kill().unwrap();
-    first.wait().unwrap();
+    drop(first); // SIGKILL
 
     // Redis comes up on the address ficus was given; a new ficus delivers the spool.
     let redis = RedisServer::start_on(redis_port).await;
-    let (mut second, _, _) = spawn(redis_url.clone());
+    let (second, _, _) = spawn(redis_url.clone());
     let store = ficus::store::open(&redis.url(), "ficus:").await.unwrap();
     let delivered = eventually(Duration::from_secs(20), || async {
         store
@@ -248,8 +259,7 @@ async fn a_spool_left_by_a_crash_is_delivered_on_the_next_start() {
             .is_ok_and(|p| p.items.len() == 8)
     })
     .await;
-    second.kill().unwrap();
-    second.wait().unwrap();
+    drop(second);
     assert!(delivered, "the spool was not delivered after the restart");
 }
 
@@ -261,33 +271,35 @@ async fn records_reach_redis_over_tls_with_a_password() {
     let dir = tempfile::tempdir().unwrap();
     let pki = support::pki(dir.path());
     let redis_port = free_port();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .arg("--tls-cert-file")
-        .arg(&pki.cert)
-        .arg("--tls-key-file")
-        .arg(&pki.key)
-        .arg("--tls-ca-cert-file")
-        .arg(&pki.ca)
-        .args([
-            "--tls-auth-clients",
-            "no",
-            "--requirepass",
-            "s3cret",
-            "--save",
-            "",
-        ])
-        .arg("--logfile")
-        .arg(dir.path().join("redis.log"))
-        .spawn()
-        .unwrap();
+    let _redis = KillOnDrop(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&pki.cert)
+            .arg("--tls-key-file")
+            .arg(&pki.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&pki.ca)
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                "s3cret",
+                "--save",
+                "",
+            ])
+            .arg("--logfile")
+            .arg(dir.path().join("redis.log"))
+            .spawn()
+            .unwrap(),
+    );
     let cli = |args: &[&str]| {
         Command::new("redis-cli")
             .args(["--tls", "--cacert"])
@@ -317,28 +329,30 @@ async fn records_reach_redis_over_tls_with_a_password() {
     );
     std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
     let (port, admin) = (free_port(), free_port());
-    let mut ficus = Command::new(FICUS)
-        .arg("serve")
-        .args(["--rules", dir.path().join("rules.toml").to_str().unwrap()])
-        .args([
-            "--legacy",
-            &legacy.url().to_string(),
-            "--new",
-            &new.url().to_string(),
-        ])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .args([
-            "--store",
-            &format!("rediss://:s3cret@localhost:{redis_port}/0"),
-        ])
-        .arg("--spool-dir")
-        .arg(dir.path().join("spool"))
-        .args(["--log", "warn"])
-        .env("SSL_CERT_FILE", &pki.ca)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _ficus = KillOnDrop(
+        Command::new(FICUS)
+            .arg("serve")
+            .args(["--rules", dir.path().join("rules.toml").to_str().unwrap()])
+            .args([
+                "--legacy",
+                &legacy.url().to_string(),
+                "--new",
+                &new.url().to_string(),
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args([
+                "--store",
+                &format!("rediss://:s3cret@localhost:{redis_port}/0"),
+            ])
+            .arg("--spool-dir")
+            .arg(dir.path().join("spool"))
+            .args(["--log", "warn"])
+            .env("SSL_CERT_FILE", &pki.ca)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let c = client();
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -361,9 +375,5 @@ async fn records_reach_redis_over_tls_with_a_password() {
         cli(&["ZCARD", "ficus:idx:all"]) == "3"
     })
     .await;
-    let _ = ficus.kill();
-    let _ = ficus.wait();
-    let _ = redis.kill();
-    let _ = redis.wait();
     assert!(stored, "records did not reach Redis over TLS");
 }
