@@ -530,7 +530,8 @@ fn demo(args: DemoArgs) -> Result<()> {
              \x20 admin     http://{admin}/readyz\n\
              \x20 legacy    http://{legacy}  (example backend)\n\
              \x20 new       http://{new}  (example backend; differs a little)\n\
-             \x20 rules     {rules}  (edit a file: ficus reloads it live)\n\n\
+             \x20 rules     {rules}  (edit a file: ficus reloads it live)\n\
+             \x20 records   ficus.db (SQLite) in this directory; each divergence is logged too\n\n\
              Try (the x-backend response header says which side answered):\n\
              \x20 curl -i http://{p}/api/orders/42                     # orders-read: legacy is the authority\n\
              \x20 curl -i http://{p}/api/customers/7                   # customers: new is the authority\n\
