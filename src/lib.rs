@@ -54,6 +54,9 @@ pub struct Config {
     /// Proxy worker threads, each with its own runtime, listener and upstream pools
     /// (0: one per CPU).
     pub workers: usize,
+    /// `(name, token)` pairs accepted as `Authorization: Bearer TOKEN` on `/api/*`; empty
+    /// leaves the API open (ficus warns when the admin address is not loopback).
+    pub admin_tokens: Vec<(String, String)>,
     /// Global shadowing limits.
     pub shadow: shadow::Settings,
     /// Where divergence records go: `sqlite:PATH`, `redis://...`, `rediss://...`,
@@ -84,6 +87,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             watch_rules: true,
             workers: 0,
+            admin_tokens: Vec::new(),
             shadow: shadow::Settings::default(),
             store: "sqlite:ficus.db".to_string(),
             store_prefix: "ficus:".to_string(),
@@ -214,9 +218,23 @@ impl Ficus {
         let admin_addr = admin_listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
 
+        let reloads = Arc::new(ReloadStats::default());
+        if config.admin_tokens.is_empty() && !admin_addr.ip().is_loopback() {
+            warn!(
+                admin = %admin_addr,
+                "the admin API is open to the network without a token: set --admin-token"
+            );
+        }
+        let reload_now: admin::Reload = {
+            let (proxy, path, stats) = (proxy.clone(), config.rules.clone(), reloads.clone());
+            Arc::new(move || reload(&proxy, &path, &stats))
+        };
         let state = Arc::new(AdminState {
             proxy: proxy.clone(),
             ready: false.into(),
+            store: writer.store().clone(),
+            tokens: config.admin_tokens.clone(),
+            reload: reload_now,
         });
         let mut admin_shutdown = shutdown_rx.clone();
         let app = admin::router(state.clone());
@@ -259,7 +277,6 @@ impl Ficus {
             server.push(finished);
         }
 
-        let reloads = Arc::new(ReloadStats::default());
         let watch = if config.watch_rules {
             let proxy = proxy.clone();
             let path = config.rules.clone();

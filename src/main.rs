@@ -105,6 +105,15 @@ struct ServeArgs {
     shadow: ShadowArgs,
     #[command(flatten)]
     store: StoreArgs,
+    /// Token required as `Authorization: Bearer TOKEN` on the admin API (/api/*); `NAME=TOKEN`
+    /// names it in record histories. Repeatable; the variable takes a comma-separated list.
+    #[arg(
+        long,
+        env = "FICUS_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        value_delimiter = ','
+    )]
+    admin_token: Vec<String>,
 }
 
 /// Where divergence records go, and how long they stay.
@@ -325,6 +334,15 @@ fn serve(args: ServeArgs) -> Result<()> {
     config.shutdown_timeout = args.shutdown_timeout;
     config.watch_rules = !args.no_watch;
     config.workers = args.workers;
+    config.admin_tokens = args
+        .admin_token
+        .iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| match t.split_once('=') {
+            Some((name, token)) => (name.to_string(), token.to_string()),
+            None => ("admin".to_string(), t.clone()),
+        })
+        .collect();
     config.shadow = ficus::shadow::Settings {
         max_inflight: args.shadow.shadow_max_inflight.max(1),
         max_memory: args.shadow.shadow_max_memory,

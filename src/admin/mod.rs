@@ -1,30 +1,113 @@
-//! The admin listener, on its own port: liveness and readiness now; the reconciliation API and
-//! metrics join it in later stages.
+//! The admin listener, on its own port: liveness and readiness, and the reconciliation API
+//! over the record store (`/api/*`, behind bearer tokens when configured). Metrics join it
+//! in a later stage.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::Json;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use serde_json::{Value, json};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use subtle::ConstantTimeEq;
 
 use crate::proxy::Proxy;
+use crate::record::{Change, State as RecordState};
+use crate::rules::Diagnostic;
+use crate::store::{Filter, Store, StoreError};
+
+/// Reloads the rules now; returns the number of routes or every error.
+pub type Reload = Arc<dyn Fn() -> Result<usize, Vec<Diagnostic>> + Send + Sync>;
 
 /// What the admin handlers read.
 pub struct AdminState {
     pub proxy: Arc<Proxy>,
     /// Set once the rules are loaded and the proxy listener accepts connections.
     pub ready: AtomicBool,
+    pub store: Arc<dyn Store>,
+    /// `(name, token)` pairs; empty means the API is open.
+    pub tokens: Vec<(String, String)>,
+    pub reload: Reload,
 }
 
+/// The caller, as the token named it.
+#[derive(Clone)]
+struct Who(String);
+
 pub fn router(state: Arc<AdminState>) -> Router {
+    let api = Router::new()
+        .route("/api/divergences", get(list))
+        .route("/api/divergences/{id}", get(one).patch(patch))
+        .route("/api/rules", get(rules))
+        .route("/api/rules/reload", post(reload))
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(api)
         .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({ "error": code, "message": message.into() })),
+    )
+        .into_response()
+}
+
+fn store_error(e: &StoreError) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        e.to_string(),
+    )
+}
+
+/// Bearer-token check for `/api/*`, comparing against every token in constant time.
+async fn auth(State(state): State<Arc<AdminState>>, mut req: Request, next: Next) -> Response {
+    if state.tokens.is_empty() {
+        req.extensions_mut().insert(Who("anonymous".into()));
+        return next.run(req).await;
+    }
+    let given = bearer(req.headers()).unwrap_or_default();
+    let mut who = None;
+    for (name, token) in &state.tokens {
+        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            who = Some(name.clone());
+        }
+    }
+    match who {
+        Some(name) => {
+            req.extensions_mut().insert(Who(name));
+            next.run(req).await
+        }
+        None => {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer TOKEN (see --admin-token)",
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            resp
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
 }
 
 async fn healthz() -> Json<Value> {
@@ -43,4 +126,214 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, Json<Value
         StatusCode::OK,
         Json(json!({ "status": "ready", "routes": live.rules.routes.len() })),
     )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    route: Option<String>,
+    state: Option<String>,
+    class: Option<String>,
+    fingerprint: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// A time bound: RFC 3339 or Unix milliseconds.
+fn time_ms(raw: &str) -> Option<u64> {
+    raw.parse::<u64>().ok().or_else(|| {
+        humantime::parse_rfc3339_weak(raw)
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_millis()).ok())
+    })
+}
+
+async fn list(
+    State(state): State<Arc<AdminState>>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "known parameters: route, state, class, fingerprint, since, until, limit, cursor",
+        );
+    };
+    let record_state = match q.state.as_deref().map(RecordState::parse) {
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_state",
+                "state is open, acknowledged, expected or resolved",
+            );
+        }
+        Some(s) => s,
+        None => None,
+    };
+    let mut bounds = [None, None];
+    for (slot, raw) in bounds.iter_mut().zip([&q.since, &q.until]) {
+        if let Some(raw) = raw {
+            match time_ms(raw) {
+                Some(ms) => *slot = Some(ms),
+                None => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_time",
+                        format!("`{raw}` is neither RFC 3339 nor Unix milliseconds"),
+                    );
+                }
+            }
+        }
+    }
+    let filter = Filter {
+        route: q.route,
+        state: record_state,
+        class: q.class,
+        fingerprint: q.fingerprint,
+        since_ms: bounds[0],
+        until_ms: bounds[1],
+        limit: q.limit.unwrap_or(0),
+        cursor: q.cursor,
+    };
+    match state.store.list(&filter).await {
+        Ok(page) => Json(page).into_response(),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn one(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
+    match state.store.get(&id).await {
+        Ok(Some(record)) => Json(record).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no divergence `{id}`"),
+        ),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn patch(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Who>,
+    Path(id): Path<String>,
+    body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(changes)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "send a JSON object with any of state, class, note",
+        );
+    };
+    let mut record = match state.store.get(&id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no divergence `{id}`"),
+            );
+        }
+        Err(e) => return store_error(&e),
+    };
+    if changes.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "bad_body", "nothing to change");
+    }
+    for (key, value) in &changes {
+        let text = match value {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("`{key}` must be a string (or null to clear class or note)"),
+                );
+            }
+        };
+        match key.as_str() {
+            "state" => match text.as_deref().and_then(RecordState::parse) {
+                Some(s) => record.state = s,
+                None => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_state",
+                        "state is open, acknowledged, expected or resolved",
+                    );
+                }
+            },
+            "class" => record.class = text.filter(|c| !c.is_empty()),
+            "note" => record.note = text,
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("unknown field `{other}`: use state, class, note"),
+                );
+            }
+        }
+    }
+    record.history.push(Change {
+        who: who.0,
+        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        what: Value::Object(changes),
+    });
+    match state.store.update(&record).await {
+        Ok(()) => Json(record).into_response(),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    let live = state.proxy.live();
+    let rules = &live.rules;
+    let routes: Vec<Value> = rules
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": &*r.name,
+                "priority": r.priority,
+                "authority": r.authority.as_str(),
+                "defined_at": r.location.as_ref().map(ToString::to_string),
+                "path": &*r.path.source,
+                "methods": r.methods.as_ref().map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>()),
+                "host": r.host.as_ref().map(ToString::to_string),
+                "legacy": &*rules.upstreams[r.legacy].name,
+                "new": &*rules.upstreams[r.new].name,
+                "canary": r.canary.as_ref().map(|c| json!({"percent": c.percent, "key": c.key.to_string()})),
+                "shadow": r.shadow.as_ref().map(|s| json!({"sample": s.sample, "writes": s.writes, "noise_probe": s.noise_probe})),
+            })
+        })
+        .collect();
+    Json(json!({
+        "routes": routes,
+        "sources": rules.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "loaded_at": humantime::format_rfc3339_millis(rules.loaded_at).to_string(),
+    }))
+}
+
+async fn reload(State(state): State<Arc<AdminState>>) -> Response {
+    let reload = state.reload.clone();
+    match tokio::task::spawn_blocking(move || reload()).await {
+        Ok(Ok(routes)) => Json(json!({ "status": "reloaded", "routes": routes })).into_response(),
+        Ok(Err(errors)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({
+                "error": "invalid_rules",
+                "message": "the rules were rejected; the previous rules stay in force",
+                "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })),
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reload_failed",
+            e.to_string(),
+        ),
+    }
 }

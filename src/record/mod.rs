@@ -118,6 +118,20 @@ pub struct Record {
     pub note: Option<String>,
     /// The replica that saw it.
     pub instance: String,
+    /// Who changed state, class or note, when, and what.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Change>,
+}
+
+/// One change to a record, made through the admin API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// The admin token's name, or "anonymous" when the API has no token.
+    pub who: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// The fields set, e.g. `{"state": "expected"}`.
+    pub what: serde_json::Value,
 }
 
 impl Record {
@@ -226,6 +240,7 @@ impl Record {
             state: State::Open,
             note: None,
             instance: policy.instance.to_string(),
+            history: Vec::new(),
         }
     }
 }

@@ -1,0 +1,237 @@
+//! End to end: the reconciliation API over real records from real traffic.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+mod support;
+
+use http::Response;
+use serde_json::{Value, json};
+use support::{Backend, TestProxy, client, full};
+
+const RULES: &str = r#"
+[[route]]
+name = "orders"
+[route.match]
+path_prefix = "/api/orders/"
+[route.shadow]
+
+[[route]]
+name = "users"
+[route.match]
+path_prefix = "/api/users/"
+[route.shadow]
+"#;
+
+async fn diverging(name: &'static str, total: u32) -> Backend {
+    Backend::with_handler(name, move |req| {
+        let path = req.uri().path().to_string();
+        async move {
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(json!({"path": path, "total": total}).to_string()))
+                .unwrap()
+        }
+    })
+    .await
+}
+
+async fn setup(tokens: &[(&str, &str)]) -> (Backend, Backend, TestProxy) {
+    let legacy = diverging("legacy", 1).await;
+    let new = diverging("new", 2).await;
+    let tokens: Vec<(String, String)> = tokens
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
+    let proxy =
+        TestProxy::start_with(RULES, legacy.url(), new.url(), |c| c.admin_tokens = tokens).await;
+    let c = client();
+    for i in 0..3 {
+        c.get(proxy.url(&format!("/api/orders/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    for i in 0..2 {
+        c.get(proxy.url(&format!("/api/users/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(proxy.wait_records(5).await.len(), 5);
+    (legacy, new, proxy)
+}
+
+#[tokio::test]
+async fn token_guards_the_api_but_not_health() {
+    let (_l, _n, proxy) = setup(&[("alice", "s3cret")]).await;
+    let c = client();
+    let resp = c
+        .get(proxy.admin_url("/api/divergences"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "unauthorized");
+    let resp = c
+        .get(proxy.admin_url("/api/divergences"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = c
+        .get(proxy.admin_url("/api/divergences"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for open in ["/healthz", "/readyz"] {
+        assert_eq!(
+            c.get(proxy.admin_url(open)).send().await.unwrap().status(),
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn list_filter_paginate_get_and_classify() {
+    let (_l, _n, proxy) = setup(&[("alice", "s3cret")]).await;
+    let c = client();
+    let get = |path: String| {
+        let c = c.clone();
+        let url = proxy.admin_url(&path);
+        async move { c.get(url).bearer_auth("s3cret").send().await.unwrap() }
+    };
+
+    let page: Value = get("/api/divergences?route=orders&limit=2".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert!(items.iter().all(|r| r["route"] == "orders"));
+    let cursor = page["next"].as_str().unwrap().to_string();
+    let rest: Value = get(format!(
+        "/api/divergences?route=orders&limit=2&cursor={cursor}"
+    ))
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(rest["items"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["next"], Value::Null);
+
+    let id = items[0]["id"].as_str().unwrap().to_string();
+    let record: Value = get(format!("/api/divergences/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        record["diffs"],
+        json!([{"in": "body", "op": "replace", "path": "/total", "old": 1, "value": 2}])
+    );
+    let missing = get("/api/divergences/nope".into()).await;
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.json::<Value>().await.unwrap()["error"], "not_found");
+
+    let patched: Value = c
+        .patch(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .bearer_auth("s3cret")
+        .json(&json!({"state": "expected", "class": "rounding", "note": "new side rounds up"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(patched["state"], "expected");
+    assert_eq!(patched["history"][0]["who"], "alice");
+    assert_eq!(patched["history"][0]["what"]["class"], "rounding");
+
+    let expected: Value = get("/api/divergences?state=expected".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(expected["items"].as_array().unwrap().len(), 1);
+    let open: Value = get("/api/divergences?state=open".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(open["items"].as_array().unwrap().len(), 4);
+    let by_class: Value = get("/api/divergences?class=rounding".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_class["items"][0]["id"], id.as_str());
+
+    for bad in [
+        "/api/divergences?state=done",
+        "/api/divergences?since=yesterday",
+        "/api/divergences?colour=red",
+    ] {
+        assert_eq!(get(bad.into()).await.status(), 400, "{bad}");
+    }
+    let bad_patch = c
+        .patch(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .bearer_auth("s3cret")
+        .json(&json!({"state": "closed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_patch.status(), 400);
+}
+
+#[tokio::test]
+async fn rules_in_force_and_reload() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let c = client();
+    let rules: Value = c
+        .get(proxy.admin_url("/api/rules"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rules["routes"][0]["name"], "orders");
+    assert_eq!(rules["routes"][0]["shadow"]["sample"], 1.0);
+    assert!(
+        rules["sources"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("rules.toml")
+    );
+
+    std::fs::write(
+        proxy.rules_file(),
+        "[[route]]\nname = \"x\"\nauthority = \"both\"\n",
+    )
+    .unwrap();
+    let resp = c
+        .post(proxy.admin_url("/api/rules/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("rules.toml:3:13: error: unknown authority")
+    );
+
+    std::fs::write(proxy.rules_file(), "[[route]]\nname = \"only\"\n").unwrap();
+    let resp = c
+        .post(proxy.admin_url("/api/rules/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["routes"], 1);
+}
