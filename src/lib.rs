@@ -163,6 +163,7 @@ impl Ficus {
     pub async fn start(config: Config) -> Result<Ficus, StartError> {
         // The first user of rustls picks the provider; ficus uses ring everywhere.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let metrics = telemetry::exporter::install();
         for (flag, uri) in [("legacy", &config.legacy), ("new", &config.new)] {
             rules::parse_upstream_url(&uri.to_string()).map_err(|(message, hint)| {
                 StartError::UpstreamUrl {
@@ -235,7 +236,21 @@ impl Ficus {
             store: writer.store().clone(),
             tokens: config.admin_tokens.clone(),
             reload: reload_now,
+            metrics: metrics.clone(),
         });
+        if let Some(handle) = metrics {
+            // The exporter drains histograms only when asked to.
+            let mut stop = shutdown_rx.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => handle.run_upkeep(),
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
         let mut admin_shutdown = shutdown_rx.clone();
         let app = admin::router(state.clone());
         let admin = tokio::spawn(async move {

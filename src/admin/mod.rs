@@ -33,6 +33,8 @@ pub struct AdminState {
     /// `(name, token)` pairs; empty means the API is open.
     pub tokens: Vec<(String, String)>,
     pub reload: Reload,
+    /// Renders the Prometheus exposition; `None` if another recorder owns the process.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// The caller, as the token named it.
@@ -49,6 +51,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
         .merge(api)
         .with_state(state)
 }
@@ -108,6 +111,21 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     scheme
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim().to_string())
+}
+
+async fn metrics_text(State(state): State<Arc<AdminState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics_unavailable",
+            "another metrics recorder is installed in this process",
+        ),
+    }
 }
 
 async fn healthz() -> Json<Value> {

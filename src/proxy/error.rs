@@ -75,6 +75,17 @@ impl ProxyError {
         }
     }
 
+    /// The `kind` label of `ficus_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::Connect { .. } => "connect",
+            ProxyError::ConnectTimeout { .. } => "connect_timeout",
+            ProxyError::Timeout { .. } => "timeout",
+            ProxyError::Upstream { .. } => "upstream",
+            ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => "client",
+        }
+    }
+
     fn side(&self) -> Option<Side> {
         match self {
             ProxyError::Connect { side, .. }

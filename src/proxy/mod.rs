@@ -6,6 +6,7 @@
 mod body;
 pub mod error;
 pub mod headers;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,11 +28,24 @@ use crate::shadow::{Admission, AuthorityResult, MirroredHead, RouteContext, Shad
 use crate::upstream::{Body, BoxError, ClientCache, Defaults, Upstream};
 use body::{Progress, ProgressClock};
 use error::{ProxyError, rescue};
+use metrics::SnapshotMetrics;
 
 /// What one published rules snapshot needs at request time: rules and their upstreams.
 pub struct Live {
     pub rules: RuleSet,
     pub upstreams: Vec<Upstream>,
+    metrics: SnapshotMetrics,
+}
+
+impl Live {
+    fn new(rules: RuleSet, upstreams: Vec<Upstream>) -> Live {
+        let metrics = SnapshotMetrics::new(rules.routes.len());
+        Live {
+            rules,
+            upstreams,
+            metrics,
+        }
+    }
 }
 
 /// The connection a request arrived on.
@@ -58,7 +72,7 @@ impl Proxy {
     ) -> Proxy {
         let upstreams = clients.upstreams(&rules.upstreams, &defaults);
         Proxy {
-            live: ArcSwap::from_pointee(Live { rules, upstreams }),
+            live: ArcSwap::from_pointee(Live::new(rules, upstreams)),
             clients,
             defaults,
             shadow,
@@ -72,7 +86,7 @@ impl Proxy {
     /// Publishes a new rule set atomically: requests already routed keep the old snapshot.
     pub fn install(&self, rules: RuleSet) {
         let upstreams = self.clients.upstreams(&rules.upstreams, &self.defaults);
-        self.live.store(Arc::new(Live { rules, upstreams }));
+        self.live.store(Arc::new(Live::new(rules, upstreams)));
     }
 
     pub fn live(&self) -> Arc<Live> {
@@ -109,9 +123,20 @@ impl Proxy {
             }
             None => forward(req, upstream, side, conn, &request_id).await,
         };
+        let route_metrics = live.metrics.route(route.rank, &route.name);
         let response = match result {
-            Ok(resp) => resp,
+            Ok(resp) => {
+                route_metrics.upstream(side, start.elapsed());
+                resp
+            }
             Err(e) => {
+                ::metrics::counter!(
+                    crate::telemetry::UPSTREAM_ERRORS_TOTAL,
+                    "route" => route.name.clone(),
+                    "side" => side.as_str(),
+                    "kind" => e.kind(),
+                )
+                .increment(1);
                 warn!(
                     error = %e,
                     route = %route.name,
@@ -123,6 +148,8 @@ impl Proxy {
                 rescue(&e, &route.name, Some(&upstream.name), &request_id)
             }
         };
+        let elapsed = start.elapsed();
+        route_metrics.request(side, response.status().as_u16(), elapsed);
         info!(
             target: "ficus::access",
             route = %route.name,
@@ -131,7 +158,7 @@ impl Proxy {
             method = %method,
             path = uri.path(),
             status = response.status().as_u16(),
-            latency_ms = start.elapsed().as_micros() as f64 / 1e3,
+            latency_ms = elapsed.as_micros() as f64 / 1e3,
             request_id = request_id.to_str().unwrap_or_default(),
         );
         response

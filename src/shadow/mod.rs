@@ -178,6 +178,12 @@ impl Ticket {
     }
 }
 
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::SHADOW_INFLIGHT).decrement(1.0);
+    }
+}
+
 /// The client request's head as the shadow needs it.
 pub struct MirroredHead {
     pub method: Method,
@@ -222,6 +228,8 @@ pub struct Shadower {
     noise: NoiseTable,
     recorder: Arc<dyn Recorder>,
     policy: Policy,
+    /// Divergent-field paths per route that have a series of their own.
+    field_paths: Mutex<HashMap<Arc<str>, std::collections::HashSet<String>>>,
 }
 
 impl Shadower {
@@ -232,6 +240,7 @@ impl Shadower {
             budget: Arc::new(MemoryBudget::new(settings.max_memory)),
             settings,
             counts: Mutex::default(),
+            field_paths: Mutex::default(),
             noise: NoiseTable::default(),
             recorder,
         }
@@ -288,10 +297,13 @@ impl Shadower {
             return Admission::Skip(Outcome::SkippedWrite);
         }
         match self.inflight.clone().try_acquire_owned() {
-            Ok(permit) => Admission::Mirror(Ticket {
-                _permit: permit,
-                reservation: Reservation::new(self.budget.clone()),
-            }),
+            Ok(permit) => {
+                metrics::gauge!(telemetry::SHADOW_INFLIGHT).increment(1.0);
+                Admission::Mirror(Ticket {
+                    _permit: permit,
+                    reservation: Reservation::new(self.budget.clone()),
+                })
+            }
             Err(_) => Admission::Skip(Outcome::DroppedOverload),
         }
     }
@@ -299,7 +311,7 @@ impl Shadower {
     /// Counts one outcome for a route (also as the `ficus_shadow_total` metric).
     pub fn count(&self, route: &Arc<str>, outcome: Outcome) {
         self.bump(route, |c| c.outcomes[outcome.index()] += 1);
-        metrics::counter!(telemetry::SHADOW_TOTAL, "route" => route.to_string(), "outcome" => outcome.as_str())
+        metrics::counter!(telemetry::SHADOW_TOTAL, "route" => route.clone(), "outcome" => outcome.as_str())
             .increment(1);
     }
 
@@ -364,6 +376,7 @@ impl Shadower {
         // The shadow call starts now, concurrently with the authority's response.
         let shadow = self.call(
             route.timeout,
+            (&route.name, route.authority.other()),
             &route.shadow,
             head,
             body.clone(),
@@ -417,13 +430,20 @@ impl Shadower {
         }
         let (diffs, noisy_diffs) = self.split_noise(&route.name, comparison);
         self.recorder.count(&route.name, !diffs.is_empty());
+        metrics::counter!(
+            telemetry::STATUS_PAIRS_TOTAL,
+            "route" => route.name.clone(),
+            "legacy" => telemetry::status_class(legacy.status.as_u16()),
+            "new" => telemetry::status_class(new.status.as_u16()),
+        )
+        .increment(1);
         if diffs.is_empty() {
             self.bump(&route.name, |c| c.matched += 1);
-            metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.to_string(), "result" => "match")
+            metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.clone(), "result" => "match")
                 .increment(1);
         } else {
             self.bump(&route.name, |c| c.diverged += 1);
-            metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.to_string(), "result" => "diverged")
+            metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.clone(), "result" => "diverged")
                 .increment(1);
             let record = Record::build(
                 Exchange {
@@ -455,6 +475,9 @@ impl Shadower {
                     .unwrap_or_default(),
                 "responses diverged"
             );
+            self.count_fields(&route.name, &record.paths);
+            metrics::counter!(telemetry::DIVERGENCES_TOTAL, "route" => route.name.clone(), "class" => "unclassified")
+                .increment(1);
             self.recorder.record(record);
         }
         Outcome::Compared
@@ -464,6 +487,7 @@ impl Shadower {
     async fn call(
         &self,
         timeout: Duration,
+        side: (&Arc<str>, Side),
         upstream: &Upstream,
         head: &MirroredHead,
         body: Bytes,
@@ -486,8 +510,13 @@ impl Shadower {
                 .insert(self.settings.header.clone(), HeaderValue::from_static("1"));
             let resp = upstream.client().request(req).await.map_err(|e| {
                 debug!(error = %e, upstream = %upstream.name, "shadow request failed");
+                let kind = if e.is_connect() { "connect" } else { "upstream" };
+                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => side.0.clone(), "side" => side.1.as_str(), "kind" => kind)
+                    .increment(1);
                 Outcome::ShadowError
             })?;
+            metrics::histogram!(telemetry::UPSTREAM_DURATION_SECONDS, "route" => side.0.clone(), "side" => side.1.as_str())
+                .record(started.elapsed().as_secs_f64());
             let (parts, mut body) = resp.into_parts();
             let mut buf = bytes::BytesMut::new();
             while let Some(frame) = body.frame().await {
@@ -511,7 +540,11 @@ impl Shadower {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(Outcome::ShadowTimeout),
+            Err(_) => {
+                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => side.0.clone(), "side" => side.1.as_str(), "kind" => "timeout")
+                    .increment(1);
+                Err(Outcome::ShadowTimeout)
+            }
         }
     }
 
@@ -527,6 +560,7 @@ impl Shadower {
         let Ok(again) = self
             .call(
                 route.timeout,
+                (&route.name, Side::Legacy),
                 &route.legacy,
                 head,
                 body.clone(),
@@ -543,6 +577,27 @@ impl Shadower {
         if !paths.is_empty() {
             debug!(route = %route.name, paths = ?paths, "learned noisy fields");
             self.noise.learn(&route.name, paths.into_iter());
+        }
+    }
+
+    /// Counts differing fields per generalised path, with a cap on distinct paths per route.
+    fn count_fields(&self, route: &Arc<str>, paths: &[String]) {
+        let mut seen = self
+            .field_paths
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let known = seen.entry(route.clone()).or_default();
+        for path in paths {
+            let label = if known.contains(path) {
+                path.clone()
+            } else if known.len() < telemetry::MAX_FIELD_PATHS_PER_ROUTE {
+                known.insert(path.clone());
+                path.clone()
+            } else {
+                "_other".to_string()
+            };
+            metrics::counter!(telemetry::DIVERGENT_FIELDS_TOTAL, "route" => route.clone(), "path" => label)
+                .increment(1);
         }
     }
 

@@ -18,6 +18,8 @@ pub struct Spool {
     len: u64,
     offset: u64,
     max_bytes: u64,
+    /// Records waiting for delivery.
+    records: u64,
 }
 
 impl Spool {
@@ -37,6 +39,7 @@ impl Spool {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0)
             .min(len);
+        let records = count_lines(&path, offset)?;
         Ok(Spool {
             path,
             offset_path,
@@ -44,7 +47,13 @@ impl Spool {
             len,
             offset,
             max_bytes,
+            records,
         })
+    }
+
+    /// Records waiting for delivery.
+    pub fn pending_records(&self) -> u64 {
+        self.records
     }
 
     /// Whether records wait for delivery.
@@ -75,6 +84,7 @@ impl Spool {
             self.file.write_all(&buf)?;
             self.file.sync_data()?;
             self.len += buf.len() as u64;
+            self.records += appended as u64;
         }
         Ok(appended)
     }
@@ -105,12 +115,17 @@ impl Spool {
 
     /// Marks everything before `offset` as delivered; empties the spool once all is.
     pub fn commit(&mut self, offset: u64) -> io::Result<()> {
-        self.offset = offset.min(self.len);
+        let offset = offset.min(self.len);
+        self.records =
+            self.records
+                .saturating_sub(count_lines_between(&self.path, self.offset, offset)?);
+        self.offset = offset;
         if self.offset == self.len || self.offset_is_torn_tail()? {
             self.file.set_len(0)?;
             self.file.sync_all()?;
             self.len = 0;
             self.offset = 0;
+            self.records = 0;
         }
         let tmp = self.offset_path.with_extension("tmp");
         std::fs::write(&tmp, self.offset.to_string())?;
@@ -126,6 +141,35 @@ impl Spool {
         reader.read_until(b'\n', &mut rest)?;
         Ok(!rest.is_empty() && rest.last() != Some(&b'\n'))
     }
+}
+
+/// Complete lines from `from` to the end of the file.
+fn count_lines(path: &Path, from: u64) -> io::Result<u64> {
+    let end = std::fs::metadata(path)?.len();
+    count_lines_between(path, from, end)
+}
+
+fn count_lines_between(path: &Path, from: u64, to: u64) -> io::Result<u64> {
+    if to <= from {
+        return Ok(0);
+    }
+    let mut reader = BufReader::new(File::open(path)?);
+    reader.seek(SeekFrom::Start(from))?;
+    let mut remaining = to - from;
+    let mut lines = 0;
+    while remaining > 0 {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let take = buf
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        lines += buf[..take].iter().filter(|&&b| b == b'\n').count() as u64;
+        reader.consume(take);
+        remaining -= take as u64;
+    }
+    Ok(lines)
 }
 
 #[cfg(test)]

@@ -61,6 +61,8 @@ pub struct WriterStats {
     pub queued: AtomicU64,
     /// Bytes in the spool waiting for delivery.
     pub spool_pending_bytes: AtomicU64,
+    /// Records in the spool waiting for delivery.
+    pub spool_pending_records: AtomicU64,
     /// Records removed by retention.
     pub expired: AtomicU64,
 }
@@ -203,6 +205,7 @@ impl Task {
                 _ = tick.tick() => {
                     self.flush_counts().await;
                     self.deliver_spool().await;
+                    self.publish_gauges();
                 }
                 _ = sweep.tick() => self.expire().await,
                 _ = closing(&mut closed) => break,
@@ -219,6 +222,20 @@ impl Task {
         self.stats.queued.store(0, Ordering::Relaxed);
         self.write(batch).await;
         self.flush_counts().await;
+    }
+
+    fn publish_gauges(&self) {
+        let records = self
+            .spool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pending_records();
+        self.stats
+            .spool_pending_records
+            .store(records, Ordering::Relaxed);
+        metrics::gauge!(telemetry::STORE_SPOOLED_RECORDS).set(records as f64);
+        metrics::gauge!(telemetry::STORE_QUEUE_DEPTH)
+            .set(self.stats.queued.load(Ordering::Relaxed) as f64);
     }
 
     fn spool_pending(&self) -> bool {

@@ -1,8 +1,46 @@
 //! Logging setup and metric names. Metric names live here, as constants, so that dashboards
 //! and alerts have one place to check against.
 
+pub mod exporter;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
+
+/// `ficus_requests_total{route, authority, status}` (status class `2xx`...).
+pub const REQUESTS_TOTAL: &str = "ficus_requests_total";
+/// `ficus_request_duration_seconds{route, authority}`: client-visible, to the response head.
+pub const REQUEST_DURATION_SECONDS: &str = "ficus_request_duration_seconds";
+/// `ficus_upstream_duration_seconds{route, side}`.
+pub const UPSTREAM_DURATION_SECONDS: &str = "ficus_upstream_duration_seconds";
+/// `ficus_upstream_errors_total{route, side, kind}`.
+pub const UPSTREAM_ERRORS_TOTAL: &str = "ficus_upstream_errors_total";
+/// `ficus_status_pairs_total{route, legacy, new}` (status classes).
+pub const STATUS_PAIRS_TOTAL: &str = "ficus_status_pairs_total";
+/// `ficus_divergences_total{route, class}`.
+pub const DIVERGENCES_TOTAL: &str = "ficus_divergences_total";
+/// `ficus_divergent_fields_total{route, path}`.
+pub const DIVERGENT_FIELDS_TOTAL: &str = "ficus_divergent_fields_total";
+/// `ficus_store_queue_depth`.
+pub const STORE_QUEUE_DEPTH: &str = "ficus_store_queue_depth";
+/// `ficus_store_spooled_records`.
+pub const STORE_SPOOLED_RECORDS: &str = "ficus_store_spooled_records";
+/// `ficus_shadow_inflight`.
+pub const SHADOW_INFLIGHT: &str = "ficus_shadow_inflight";
+/// `ficus_build_info{version}`.
+pub const BUILD_INFO: &str = "ficus_build_info";
+/// Distinct divergent-field paths counted per route before the rest go to `_other`.
+pub const MAX_FIELD_PATHS_PER_ROUTE: usize = 100;
+
+/// `"2xx"` for 204 and so on; labels stay bounded whatever the status codes are.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
 
 /// `ficus_rules_reloads_total{result="ok"|"error"}`.
 pub const RULES_RELOADS_TOTAL: &str = "ficus_rules_reloads_total";

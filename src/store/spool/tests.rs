@@ -49,9 +49,11 @@ fn delivers_in_order_and_empties_itself() {
     assert!(!spool.pending());
     let recs = records(5);
     assert_eq!(spool.append(&recs).unwrap(), 5);
+    assert_eq!(spool.pending_records(), 5);
     let (first, offset) = spool.read_batch(3).unwrap();
     assert_eq!(first, recs[..3]);
     spool.commit(offset).unwrap();
+    assert_eq!(spool.pending_records(), 2);
     let (rest, offset) = spool.read_batch(10).unwrap();
     assert_eq!(rest, recs[3..]);
     spool.commit(offset).unwrap();
@@ -76,6 +78,7 @@ fn a_restart_delivers_what_was_left() {
         // The process dies here.
     }
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(spool.pending_records(), 3);
     let (left, _) = spool.read_batch(10).unwrap();
     assert_eq!(left, recs[1..]);
 }

@@ -1,0 +1,131 @@
+//! End to end: `/metrics` on the admin port, in Prometheus text format, with the contract names.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+mod support;
+
+use http::Response;
+use serde_json::json;
+use support::{Backend, TestProxy, client, dead_addr, full};
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_expose_traffic_shadow_outcomes_and_divergences() {
+    let legacy = Backend::with_handler("legacy", |_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(
+                json!({"items": [{"price": 1}], "total": 1}).to_string(),
+            ))
+            .unwrap()
+    })
+    .await;
+    let new = Backend::with_handler("new", |_req| async {
+        Response::builder()
+            .status(500)
+            .header("content-type", "application/json")
+            .body(full(
+                json!({"items": [{"price": 2}], "total": 1}).to_string(),
+            ))
+            .unwrap()
+    })
+    .await;
+    let rules = format!(
+        "[upstreams]\nbroken = \"http://{}\"\n\n[[route]]\nname = \"m-orders\"\n[route.match]\npath_prefix = \"/api/\"\n[route.shadow]\n\n[[route]]\nname = \"m-down\"\nlegacy = \"broken\"\n[route.match]\npath_prefix = \"/down/\"\n",
+        dead_addr()
+    );
+    let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
+    let c = client();
+    for i in 0..3 {
+        assert_eq!(
+            c.get(proxy.url(&format!("/api/{i}")))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    c.post(proxy.url("/api/x")).send().await.unwrap();
+    assert_eq!(
+        c.get(proxy.url("/down/x")).send().await.unwrap().status(),
+        502
+    );
+    assert_eq!(proxy.wait_records(3).await.len(), 3);
+
+    // The store and the writer settle within a second; poll until the records are counted.
+    let mut text = String::new();
+    let mut complete = false;
+    for _ in 0..200 {
+        let resp = c.get(proxy.admin_url("/metrics")).send().await.unwrap();
+        assert_eq!(resp.headers()["content-type"], "text/plain; version=0.0.4");
+        text = resp.text().await.unwrap();
+        if value(
+            &text,
+            r#"ficus_divergences_total{route="m-orders",class="unclassified"}"#,
+        ) == Some(3.0)
+        {
+            complete = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(complete, "{text}");
+    let expect = |series: &str, want: f64| {
+        assert_eq!(value(&text, series), Some(want), "{series} in\n{text}");
+    };
+    expect(
+        r#"ficus_requests_total{route="m-orders",authority="legacy",status="2xx"}"#,
+        4.0,
+    );
+    expect(
+        r#"ficus_requests_total{route="m-down",authority="legacy",status="5xx"}"#,
+        1.0,
+    );
+    expect(
+        r#"ficus_upstream_errors_total{route="m-down",side="legacy",kind="connect"}"#,
+        1.0,
+    );
+    expect(
+        r#"ficus_shadow_total{route="m-orders",outcome="compared"}"#,
+        3.0,
+    );
+    expect(
+        r#"ficus_shadow_total{route="m-orders",outcome="skipped_write"}"#,
+        1.0,
+    );
+    expect(
+        r#"ficus_comparisons_total{route="m-orders",result="diverged"}"#,
+        3.0,
+    );
+    expect(
+        r#"ficus_status_pairs_total{route="m-orders",legacy="2xx",new="5xx"}"#,
+        3.0,
+    );
+    expect(
+        r#"ficus_divergent_fields_total{route="m-orders",path="/items/*/price"}"#,
+        3.0,
+    );
+    expect(
+        r#"ficus_divergent_fields_total{route="m-orders",path="status"}"#,
+        3.0,
+    );
+    expect(
+        r#"ficus_request_duration_seconds_count{route="m-orders",authority="legacy"}"#,
+        4.0,
+    );
+    expect(
+        r#"ficus_upstream_duration_seconds_count{route="m-orders",side="new"}"#,
+        3.0,
+    );
+    expect(r#"ficus_shadow_inflight"#, 0.0);
+    expect(r#"ficus_build_info{version="0.1.0"}"#, 1.0);
+    assert!(text.contains(r#"ficus_request_duration_seconds_bucket{route="m-orders",authority="legacy",le="0.0005"}"#), "{text}");
+    assert!(text.contains("# TYPE ficus_requests_total counter"));
+    assert!(text.contains("ficus_store_queue_depth"));
+}
