@@ -129,3 +129,54 @@ async fn metrics_expose_traffic_shadow_outcomes_and_divergences() {
     assert!(text.contains("# TYPE ficus_requests_total counter"));
     assert!(text.contains("ficus_store_queue_depth"));
 }
+
+/// Random payload paths cannot blow up label cardinality: at most 100 paths per route have a
+/// series of their own, the rest are counted under `_other`.
+#[tokio::test]
+async fn divergent_field_labels_stay_bounded() {
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        let key = req.uri().path().trim_start_matches('/').replace('/', "-");
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(json!({ key: 1 }).to_string()))
+            .unwrap()
+    })
+    .await;
+    let new = Backend::with_handler("new", |_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full("{}"))
+            .unwrap()
+    })
+    .await;
+    let rules = "[[route]]\nname = \"m-cardinality\"\n[route.shadow]\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    for i in 0..150 {
+        c.get(proxy.url(&format!("/field/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(proxy.wait_records(150).await.len(), 150);
+    let text = c
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(r#"ficus_divergent_fields_total{route="m-cardinality""#))
+        .collect();
+    assert_eq!(series.len(), 101, "100 paths and _other");
+    assert_eq!(
+        value(
+            &text,
+            r#"ficus_divergent_fields_total{route="m-cardinality",path="_other"}"#
+        ),
+        Some(50.0)
+    );
+}

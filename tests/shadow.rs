@@ -417,3 +417,59 @@ async fn noise_probe_learns_a_timestamp_field() {
     );
     assert!(proxy.records().await.is_empty());
 }
+
+/// W3C trace context: both sides get the client's trace id, each call a span of its own; the
+/// record keeps the client's traceparent, so a divergence can be found in the traces.
+#[tokio::test]
+async fn traceparent_reaches_both_sides_as_sibling_spans() {
+    let legacy = json_backend("legacy", json!({"v": 1})).await;
+    let new = json_backend("new", json!({"v": 2})).await;
+    let proxy = TestProxy::start(&shadow_rules(""), legacy.url(), new.url()).await;
+    let client_tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    client()
+        .get(proxy.url("/api/x"))
+        .header("traceparent", client_tp)
+        .send()
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { new.count() == 1 }).await);
+    let a = legacy.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let b = new.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    for tp in [&a, &b] {
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{tp}"
+        );
+        assert!(tp.ends_with("-01"), "{tp}");
+        assert_ne!(tp, client_tp);
+    }
+    assert_ne!(a, b, "authority and shadow calls are distinct spans");
+    let records = proxy.wait_records(1).await;
+    assert!(
+        records[0]
+            .request
+            .headers
+            .iter()
+            .any(|(k, v)| k == "traceparent" && v == client_tp)
+    );
+
+    // Without one, ficus starts a trace and both sides share it.
+    client().get(proxy.url("/api/y")).send().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { new.count() == 2 }).await);
+    let a = legacy.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let b = new.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(a[..35], b[..35], "same trace id: {a} {b}");
+    assert_ne!(a, b);
+}

@@ -13,6 +13,9 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// W3C Trace Context (https://www.w3.org/TR/trace-context/).
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// Longest client-supplied request id that is passed on; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
@@ -77,6 +80,66 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     let id = HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     headers.insert(X_REQUEST_ID.clone(), id.clone());
     id
+}
+
+/// Keeps a valid `traceparent` from the client, or starts a trace (flags `00`: ficus does not
+/// force sampling on the systems behind it). Returns the trace id, for logs.
+pub fn ensure_traceparent(headers: &mut HeaderMap) -> String {
+    if let Some(trace_id) = headers
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent)
+    {
+        return trace_id.to_string();
+    }
+    let trace_id = format!("{:032x}", fastrand::u128(1..));
+    let value = format!("00-{trace_id}-{:016x}-00", fastrand::u64(1..));
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(TRACEPARENT.clone(), v);
+    }
+    trace_id
+}
+
+/// Gives an outgoing request a span of its own: same trace id and flags, a fresh parent id.
+/// The authority call and the shadow call are thus sibling spans of one exchange.
+pub fn child_traceparent(headers: &mut HeaderMap) {
+    let Some(value) = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    let Some(trace_id) = parse_traceparent(value) else {
+        return;
+    };
+    let flags = &value[53..55];
+    let child = format!("00-{trace_id}-{:016x}-{flags}", fastrand::u64(1..));
+    if let Ok(v) = HeaderValue::from_str(&child) {
+        headers.insert(TRACEPARENT.clone(), v);
+    }
+}
+
+/// The trace id of a valid version-00 `traceparent`.
+fn parse_traceparent(value: &str) -> Option<&str> {
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    match parts.as_slice() {
+        ["00", trace, parent, flags]
+            if trace.len() == 32
+                && parent.len() == 16
+                && flags.len() == 2
+                && hex(trace)
+                && hex(parent)
+                && hex(flags)
+                && !zero(trace)
+                && !zero(parent)
+                && value.len() == 55 =>
+        {
+            Some(&value[3..35])
+        }
+        _ => None,
+    }
 }
 
 /// `X-Forwarded-For/-Proto/-Host`. ficus does not yet know which peers to trust, so values a
@@ -152,6 +215,39 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn traceparent_is_kept_created_and_given_child_spans() {
+        let client = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut h = HeaderMap::new();
+        h.insert(&TRACEPARENT, HeaderValue::from_static(client));
+        assert_eq!(
+            ensure_traceparent(&mut h),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        child_traceparent(&mut h);
+        let child = h[&TRACEPARENT].to_str().unwrap().to_string();
+        assert!(child.starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
+        assert!(child.ends_with("-01"));
+        assert_ne!(child, client);
+
+        for bad in [
+            "garbage",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(&TRACEPARENT, HeaderValue::from_str(bad).unwrap());
+            let id = ensure_traceparent(&mut h);
+            assert_eq!(id.len(), 32);
+            assert!(
+                h[&TRACEPARENT]
+                    .to_str()
+                    .unwrap()
+                    .starts_with(&format!("00-{id}-"))
+            );
+        }
     }
 
     #[test]

@@ -98,6 +98,7 @@ impl Proxy {
         let start = Instant::now();
         let live = self.live.load_full();
         let request_id = headers::ensure_request_id(req.headers_mut());
+        let trace_id = headers::ensure_traceparent(req.headers_mut());
         let upgrade = headers::is_upgrade_request(&req);
         let head = RequestHead::from_request(&req, conn.peer.ip());
         let decision = route::find(&live.rules, &head);
@@ -160,6 +161,7 @@ impl Proxy {
             status = response.status().as_u16(),
             latency_ms = elapsed.as_micros() as f64 / 1e3,
             request_id = request_id.to_str().unwrap_or_default(),
+            trace_id = %trace_id,
         );
         response
     }
@@ -246,6 +248,7 @@ pub(crate) fn upstream_request<B>(
     headers::strip_hop_by_hop(h, upgrade);
     headers::set_forwarded(h, conn.peer.ip(), conn.tls, host.as_ref());
     headers::append_via(h, client_version);
+    headers::child_traceparent(h);
     match host {
         Some(host) if upstream.preserve_host => {
             h.insert(header::HOST, host);
