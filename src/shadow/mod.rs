@@ -463,16 +463,14 @@ impl Shadower {
                 &self.policy,
                 SystemTime::now(),
             );
+            // Paths only: values are body data, and bodies never go to logs.
             info!(
                 target: "ficus::divergence",
                 route = %route.name,
                 request_id = %record.request_id,
-                diffs = record.diffs.len(),
-                first = %record
-                    .diffs
-                    .first()
-                    .and_then(|d| serde_json::to_string(d).ok())
-                    .unwrap_or_default(),
+                id = %record.id,
+                fingerprint = %record.fingerprint,
+                paths = ?record.paths,
                 "responses diverged"
             );
             self.count_fields(&route.name, &record.paths);
