@@ -440,3 +440,32 @@ async fn absolute_form_authority_wins_over_host_for_routing_and_forwarding() {
     assert_eq!(legacy.count(), 0);
     assert_eq!(new.last().headers["host"], "shop.example.com");
 }
+
+/// An upstream that resets the connection after reading the request: a 502 that says so.
+#[tokio::test]
+async fn upstream_reset_gives_502_upstream_reset() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            // SO_LINGER 0: the close is a reset (RST), which is the point here.
+            #[allow(deprecated)]
+            let _ = s.set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(
+        ANY_TO_LEGACY,
+        format!("http://{addr}").parse().unwrap(),
+        new.url(),
+    )
+    .await;
+    let resp = client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = error_json(resp).await;
+    assert_eq!(body["error"], "upstream_reset", "{body}");
+}

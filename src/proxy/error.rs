@@ -20,6 +20,8 @@ pub enum ProxyError {
     ConnectTimeout { side: Side },
     #[error("the {side} upstream sent no response within {timeout:?}")]
     Timeout { side: Side, timeout: Duration },
+    #[error("the {side} upstream reset the connection: {source}")]
+    Reset { side: Side, source: BoxError },
     #[error("the {side} upstream failed: {source}")]
     Upstream { side: Side, source: BoxError },
     #[error("bad request: {0}")]
@@ -46,6 +48,21 @@ impl ProxyError {
                 source: Box::new(e),
             };
         }
+        let mut source = e.source();
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>()
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            {
+                return ProxyError::Reset {
+                    side,
+                    source: Box::new(e),
+                };
+            }
+            source = s.source();
+        }
         ProxyError::Upstream {
             side,
             source: Box::new(e),
@@ -54,7 +71,9 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. } | ProxyError::Reset { .. } | ProxyError::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::ConnectTimeout { .. } | ProxyError::Timeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -69,6 +88,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => "upstream_unavailable",
             ProxyError::ConnectTimeout { .. } => "upstream_connect_timeout",
             ProxyError::Timeout { .. } => "upstream_timeout",
+            ProxyError::Reset { .. } => "upstream_reset",
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
@@ -81,6 +101,7 @@ impl ProxyError {
             ProxyError::Connect { .. } => "connect",
             ProxyError::ConnectTimeout { .. } => "connect_timeout",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::Reset { .. } => "reset",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => "client",
         }
@@ -91,6 +112,7 @@ impl ProxyError {
             ProxyError::Connect { side, .. }
             | ProxyError::ConnectTimeout { side }
             | ProxyError::Timeout { side, .. }
+            | ProxyError::Reset { side, .. }
             | ProxyError::Upstream { side, .. } => Some(*side),
             ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => None,
         }
