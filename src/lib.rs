@@ -10,6 +10,7 @@ pub mod compare;
 pub mod demo;
 pub mod proxy;
 pub mod record;
+pub mod report;
 pub mod route;
 pub mod rules;
 pub mod server;

@@ -235,3 +235,127 @@ async fn rules_in_force_and_reload() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap()["routes"], 1);
 }
+
+#[tokio::test]
+async fn report_gives_a_verdict_per_route_from_the_evidence() {
+    let legacy = Backend::with_handler("legacy", |_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(json!({"v": 1}).to_string()))
+            .unwrap()
+    })
+    .await;
+    let new = Backend::with_handler("new", |req| async move {
+        let v = if req.uri().path().starts_with("/ready/") {
+            1
+        } else {
+            2
+        };
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(json!({"v": v}).to_string()))
+            .unwrap()
+    })
+    .await;
+    let rules = r#"
+[[route]]
+name = "ready-route"
+[route.match]
+path_prefix = "/ready/"
+[route.shadow]
+[route.gate]
+min_samples = 20
+max_divergence_rate = 0.2
+window = "1h"
+
+[[route]]
+name = "diverging"
+[route.match]
+path_prefix = "/diverging/"
+[route.shadow]
+[route.gate]
+min_samples = 5
+
+[[route]]
+name = "sparse"
+[route.match]
+path_prefix = "/sparse/"
+[route.shadow]
+"#;
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    for i in 0..60 {
+        c.get(proxy.url(&format!("/ready/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    for i in 0..6 {
+        c.get(proxy.url(&format!("/diverging/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    for i in 0..3 {
+        c.get(proxy.url(&format!("/sparse/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    let records = proxy.wait_records(9).await;
+    let defect = records.iter().find(|r| r.route == "diverging").unwrap();
+    let resp = c
+        .patch(proxy.admin_url(&format!("/api/divergences/{}", defect.id)))
+        .json(&json!({"class": "defect"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // Counters reach the store within a second or so.
+    let mut report = Value::Null;
+    for _ in 0..100 {
+        report = c
+            .get(proxy.admin_url("/api/report"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if report["routes"][0]["comparisons"]["window"] == 60
+            && report["routes"][2]["comparisons"]["window"] == 3
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let route = |name: &str| {
+        report["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let ready = route("ready-route");
+    assert_eq!(ready["comparisons"]["window"], 60, "{report}");
+    assert_eq!(ready["verdict"], "ready", "{ready}");
+    assert!(ready["divergence_rate_upper_95"].as_f64().unwrap() < 0.2);
+    assert!(ready["latency_ms"]["legacy"]["p99"].as_f64().unwrap() > 0.0);
+
+    let diverging = route("diverging");
+    assert_eq!(diverging["verdict"], "not-ready");
+    assert_eq!(diverging["divergences"]["open_defects"], 1);
+    assert_eq!(diverging["divergences"]["by_state"]["open"], 6);
+    let reasons = diverging["reasons"].to_string();
+    assert!(
+        reasons.contains("defect") && reasons.contains("above the gate"),
+        "{reasons}"
+    );
+
+    let sparse = route("sparse");
+    assert_eq!(sparse["verdict"], "insufficient-data");
+    assert_eq!(sparse["gate"]["min_samples"], 1000);
+}

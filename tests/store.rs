@@ -196,6 +196,43 @@ async fn contract(store: Arc<dyn Store>) {
     .await;
     assert_eq!(combined, [a[4].id.clone(), a[3].id.clone()]);
 
+    // Counting, with and without time bounds.
+    assert_eq!(store.count(&Filter::default()).await.unwrap(), 8);
+    assert_eq!(
+        store
+            .count(&Filter {
+                route: Some("orders".into()),
+                state: Some(State::Open),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        4
+    );
+    assert_eq!(
+        store
+            .count(&Filter {
+                route: Some("orders".into()),
+                class: Some("defect".into()),
+                state: Some(State::Acknowledged),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .count(&Filter {
+                since_ms: Some(base + 1000),
+                until_ms: Some(base + 3000),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        4
+    );
+
     // Counters add up, in total and per hour.
     let hour = store::hour_of(now);
     let delta = |h, c, d| CountDelta {

@@ -45,6 +45,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
         .route("/api/divergences", get(list))
         .route("/api/divergences/{id}", get(one).patch(patch))
+        .route("/api/report", get(report))
         .route("/api/rules", get(rules))
         .route("/api/rules/reload", post(reload))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -304,6 +305,96 @@ async fn patch(
         Ok(()) => Json(record).into_response(),
         Err(e) => store_error(&e),
     }
+}
+
+/// Per route: the evidence over the gate's window, the divergences by state, this replica's
+/// latency and error figures, the noisy fields, and the verdict.
+async fn report(State(state): State<Arc<AdminState>>) -> Response {
+    let live = state.proxy.live();
+    let now = crate::store::writer::now_ms();
+    let mut routes = Vec::new();
+    for route in &live.rules.routes {
+        let name = route.name.to_string();
+        let gate = route.gate;
+        let since = now.saturating_sub(u64::try_from(gate.window.as_millis()).unwrap_or(u64::MAX));
+        let store = &state.store;
+        let count = |f: Filter| async move { store.count(&f).await };
+        let route_filter = |st: Option<RecordState>| Filter {
+            route: Some(name.clone()),
+            state: st,
+            ..Filter::default()
+        };
+        let gathered = async {
+            let (total, window) = store.counts(&name, crate::store::hour_of(since)).await?;
+            let mut by_state = Map::new();
+            for st in RecordState::ALL {
+                by_state.insert(
+                    st.as_str().into(),
+                    json!(count(route_filter(Some(st))).await?),
+                );
+            }
+            let expected = count(Filter {
+                since_ms: Some(since),
+                ..route_filter(Some(RecordState::Expected))
+            })
+            .await?;
+            let open_defects = count(Filter {
+                class: Some("defect".into()),
+                ..route_filter(Some(RecordState::Open))
+            })
+            .await?;
+            Ok::<_, StoreError>((total, window, by_state, expected, open_defects))
+        };
+        let (total, window, by_state, expected, open_defects) = match gathered.await {
+            Ok(g) => g,
+            Err(e) => return store_error(&e),
+        };
+        let evidence = crate::report::Evidence {
+            comparisons: window.comparisons,
+            divergences: window.divergences,
+            expected,
+            open_defects,
+        };
+        let verdict = crate::report::verdict(&evidence, &gate);
+        let stats = state.proxy.shadow().stats(&name);
+        let noisy: Vec<Value> = state
+            .proxy
+            .shadow()
+            .noise()
+            .paths(&name)
+            .into_iter()
+            .map(|(path, n)| json!({"path": path, "count": n}))
+            .collect();
+        routes.push(json!({
+            "route": name,
+            "authority": route.authority.as_str(),
+            "shadowed": route.shadow.is_some(),
+            "gate": {
+                "min_samples": gate.min_samples,
+                "max_divergence_rate": gate.max_divergence_rate,
+                "window": humantime::format_duration(gate.window).to_string(),
+            },
+            "comparisons": {"total": total.comparisons, "window": window.comparisons},
+            "divergences": {
+                "total": total.divergences,
+                "window": window.divergences,
+                "expected_in_window": expected,
+                "open_defects": open_defects,
+                "by_state": by_state,
+            },
+            "divergence_rate": verdict.divergence_rate,
+            "divergence_rate_upper_95": verdict.divergence_rate_upper_95,
+            "noisy_fields": noisy,
+            "latency_ms": {
+                "legacy": {"p50": stats.latency_ms.legacy.0, "p99": stats.latency_ms.legacy.1},
+                "new": {"p50": stats.latency_ms.new.0, "p99": stats.latency_ms.new.1},
+            },
+            "error_rate": {"legacy": stats.error_rate.legacy, "new": stats.error_rate.new},
+            "verdict": verdict.verdict,
+            "reasons": verdict.reasons,
+        }));
+    }
+    Json(json!({ "routes": routes })).into_response()
 }
 
 async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {

@@ -555,6 +555,33 @@ impl Builder<'_> {
                 noise_probe,
             })
         });
+        let mut gate = Gate::default();
+        if let Some(g) = &raw.gate {
+            if let Some(n) = g.min_samples {
+                gate.min_samples = n;
+            }
+            if let Some(rate) = &g.max_divergence_rate {
+                let r = *rate.get_ref();
+                if (0.0..=1.0).contains(&r) {
+                    gate.max_divergence_rate = r;
+                } else {
+                    self.error(
+                        map,
+                        &rate.span(),
+                        format!("max_divergence_rate {r} is outside 0..1"),
+                        Some(
+                            "`max_divergence_rate = 0.001` allows one divergence in a thousand"
+                                .into(),
+                        ),
+                    );
+                }
+            }
+            if let Some(w) = &g.window
+                && let Some(d) = self.duration(map, &w.span(), w.get_ref())
+            {
+                gate.window = d;
+            }
+        }
         let (compare, comparator) = self.compare(map, raw.compare.as_ref());
         let comparator = comparator.filter(|_| shadow.is_some()).map(Arc::new);
 
@@ -579,6 +606,7 @@ impl Builder<'_> {
             shadow,
             compare,
             comparator,
+            gate,
         });
     }
 

@@ -100,6 +100,27 @@ pub struct Shadow {
     pub noise_probe: f64,
 }
 
+/// `[route.gate]`: when the evidence says the new side may take authority.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gate {
+    /// Comparisons needed in the window before any verdict but `insufficient-data`.
+    pub min_samples: u64,
+    /// Highest acceptable divergence rate (its 95% upper bound is compared).
+    pub max_divergence_rate: f64,
+    /// The evaluation window.
+    pub window: Duration,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            min_samples: 1000,
+            max_divergence_rate: 0.001,
+            window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
 /// `match.host`: an exact host name or `*.suffix`, compared without the port, case-insensitively.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostMatch {
@@ -170,6 +191,7 @@ pub struct Route {
     pub compare: CompareSpec,
     /// The compiled comparison rules; present on routes with a `[route.shadow]`.
     pub comparator: Option<Arc<Comparator>>,
+    pub gate: Gate,
 }
 
 impl Route {
@@ -199,6 +221,7 @@ impl Route {
             shadow: None,
             compare: CompareSpec::default(),
             comparator: None,
+            gate: Gate::default(),
         }
     }
 }

@@ -45,6 +45,15 @@ pub(super) struct RawRoute {
     pub canary: Option<RawCanary>,
     pub shadow: Option<RawShadow>,
     pub compare: Option<Spanned<RawCompare>>,
+    pub gate: Option<RawGate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGate {
+    pub min_samples: Option<u64>,
+    pub max_divergence_rate: Option<Spanned<f64>>,
+    pub window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

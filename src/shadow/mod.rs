@@ -110,12 +110,74 @@ impl Default for Settings {
     }
 }
 
-/// Per-route counts since start.
+/// Per-route counts since start (this replica).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RouteStats {
     pub outcomes: HashMap<&'static str, u64>,
     pub matched: u64,
     pub diverged: u64,
+    /// Latency to the complete response of compared exchanges, per side: (p50, p99) in ms.
+    pub latency_ms: SideFigures<(f64, f64)>,
+    /// Share of compared exchanges answered with a 5xx, per side.
+    pub error_rate: SideFigures<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SideFigures<T> {
+    pub legacy: T,
+    pub new: T,
+}
+
+/// Upper bounds (ms) of the latency buckets; the last bucket is everything above.
+const LATENCY_BOUNDS_MS: [f64; 15] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0,
+];
+
+/// A coarse latency histogram: quantiles come out as bucket upper bounds.
+#[derive(Debug, Clone, Default)]
+struct LatencyHist {
+    buckets: [u64; LATENCY_BOUNDS_MS.len() + 1],
+    errors: u64,
+}
+
+impl LatencyHist {
+    fn record(&mut self, latency: Duration, status: StatusCode) {
+        let ms = latency.as_secs_f64() * 1e3;
+        let i = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.buckets[i] += 1;
+        self.errors += u64::from(status.is_server_error());
+    }
+
+    fn total(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    fn quantile(&self, q: f64) -> f64 {
+        let total = self.total();
+        if total == 0 {
+            return 0.0;
+        }
+        let target = (q * total as f64).ceil() as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(f64::INFINITY);
+            }
+        }
+        f64::INFINITY
+    }
+
+    fn error_rate(&self) -> f64 {
+        match self.total() {
+            0 => 0.0,
+            n => self.errors as f64 / n as f64,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -123,6 +185,8 @@ struct Counts {
     outcomes: [u64; Outcome::ALL.len()],
     matched: u64,
     diverged: u64,
+    legacy: LatencyHist,
+    new: LatencyHist,
 }
 
 /// Body paths learned as noise per route: paths where two legacy answers to the same request
@@ -275,6 +339,14 @@ impl Shadower {
                 .collect(),
             matched: c.matched,
             diverged: c.diverged,
+            latency_ms: SideFigures {
+                legacy: (c.legacy.quantile(0.5), c.legacy.quantile(0.99)),
+                new: (c.new.quantile(0.5), c.new.quantile(0.99)),
+            },
+            error_rate: SideFigures {
+                legacy: c.legacy.error_rate(),
+                new: c.new.error_rate(),
+            },
         }
     }
 
@@ -420,6 +492,21 @@ impl Shadower {
         let comparison = route
             .comparator
             .compare(&legacy.as_compare(), &new.as_compare());
+        self.bump(&route.name, |c| {
+            c.legacy.record(legacy.latency, legacy.status);
+            c.new.record(new.latency, new.status);
+        });
+        // A sampled trace of comparisons for debugging: paths and counts, never values.
+        if fastrand::u8(..) == 0 {
+            debug!(
+                target: "ficus::comparison",
+                route = %route.name,
+                request_id = head.request_id.to_str().unwrap_or_default(),
+                differences = comparison.diffs.len(),
+                paths = ?comparison.body_paths().take(5).collect::<Vec<_>>(),
+                "compared (1 in 256 sampled)"
+            );
+        }
         if !comparison.is_match()
             && route.noise_probe > 0.0
             && is_safe(&head.method)

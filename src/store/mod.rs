@@ -123,6 +123,8 @@ pub trait Store: Send + Sync {
     fn update<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), StoreError>>;
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
     fn list<'a>(&'a self, filter: &'a Filter) -> BoxFuture<'a, Result<Page, StoreError>>;
+    /// How many records pass the filter (its cursor and limit are ignored).
+    fn count<'a>(&'a self, filter: &'a Filter) -> BoxFuture<'a, Result<u64, StoreError>>;
     /// Adds per-route, per-hour counts (and to the route's totals).
     fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>>;
     /// A route's totals, and its counts from `since_hour` on.

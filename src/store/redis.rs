@@ -335,6 +335,53 @@ impl Store for RedisStore {
         })
     }
 
+    fn count<'a>(&'a self, f: &'a Filter) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            if f.since_ms.is_none() && f.until_ms.is_none() {
+                // Exact and cheap: the intersection of the indexes the filter names.
+                let mut keys = Vec::new();
+                if let Some(route) = &f.route {
+                    keys.push(self.key(&["idx", "route", route]));
+                }
+                if let Some(state) = f.state {
+                    keys.push(self.state_key(state));
+                }
+                if let Some(class) = &f.class {
+                    keys.push(self.key(&["idx", "class", class]));
+                }
+                if let Some(fp) = &f.fingerprint {
+                    keys.push(self.key(&["idx", "fp", fp]));
+                }
+                let n: u64 = match keys.as_slice() {
+                    [] => with_conn!(self, c => c.zcard(self.key(&["idx", "all"])).await?),
+                    [one] => with_conn!(self, c => c.zcard(one).await?),
+                    many => with_conn!(self, c => redis::cmd("ZINTERCARD")
+                        .arg(many.len())
+                        .arg(many)
+                        .query_async(&mut c)
+                        .await?),
+                };
+                return Ok(n);
+            }
+            // Time bounds: walk the pages (bounded), as a list would.
+            let mut page = Filter {
+                limit: 1000,
+                cursor: None,
+                ..f.clone()
+            };
+            let mut n = 0;
+            for _ in 0..100 {
+                let p = self.list(&page).await?;
+                n += p.items.len() as u64;
+                match p.next {
+                    Some(next) => page.cursor = Some(next),
+                    None => break,
+                }
+            }
+            Ok(n)
+        })
+    }
+
     fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let mut pipe = redis::pipe();

@@ -198,6 +198,31 @@ impl Store for SqliteStore {
         })
     }
 
+    fn count<'a>(&'a self, filter: &'a Filter) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let f = filter.clone();
+        self.with(move |conn| {
+            let n: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM records
+                 WHERE (?1 IS NULL OR route = ?1)
+                   AND (?2 IS NULL OR state = ?2)
+                   AND (?3 IS NULL OR class = ?3)
+                   AND (?4 IS NULL OR fingerprint = ?4)
+                   AND (?5 IS NULL OR at_ms >= ?5)
+                   AND (?6 IS NULL OR at_ms < ?6)",
+                params![
+                    f.route,
+                    f.state.map(|s| s.as_str()),
+                    f.class,
+                    f.fingerprint,
+                    f.since_ms.map(int),
+                    f.until_ms.map(int),
+                ],
+                |row| row.get(0),
+            )?;
+            Ok(n.max(0) as u64)
+        })
+    }
+
     fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>> {
         let deltas = deltas.to_vec();
         self.with(move |conn| {

@@ -1,0 +1,179 @@
+//! The readiness verdict: from a route's measured evidence (comparisons, divergences, records
+//! classified as expected or as defects) and its gate, whether the new side may take
+//! authority. Pure functions, so the logic is tested on crafted evidence.
+
+use serde::Serialize;
+
+use crate::rules::Gate;
+
+/// z for a two-sided 95% interval.
+const Z95: f64 = 1.959_963_984_540_054;
+
+/// Upper bound of the Wilson score interval (95%) for `x` successes out of `n`.
+pub fn wilson_upper(x: u64, n: u64) -> f64 {
+    if n == 0 {
+        return 1.0;
+    }
+    let (x, n) = (x.min(n) as f64, n as f64);
+    let p = x / n;
+    let z2 = Z95 * Z95;
+    let centre = p + z2 / (2.0 * n);
+    let spread = Z95 * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre + spread) / (1.0 + z2 / n)).min(1.0)
+}
+
+/// What the verdict is computed from, over the gate's window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Evidence {
+    /// Comparisons in the window.
+    pub comparisons: u64,
+    /// Diverged comparisons in the window (noisy fields already excluded).
+    pub divergences: u64,
+    /// Records in the window that people marked `expected`: intended differences.
+    pub expected: u64,
+    /// Open records classified `defect` (any age): each one blocks.
+    pub open_defects: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    /// `ready`, `not-ready` or `insufficient-data`.
+    pub verdict: &'static str,
+    pub reasons: Vec<String>,
+    /// Divergences counted against the gate, over comparisons.
+    pub divergence_rate: f64,
+    /// The Wilson 95% upper bound of that rate: what the gate compares.
+    pub divergence_rate_upper_95: f64,
+}
+
+pub fn verdict(e: &Evidence, gate: &Gate) -> Verdict {
+    let counted = e.divergences.saturating_sub(e.expected);
+    let rate = if e.comparisons == 0 {
+        0.0
+    } else {
+        counted as f64 / e.comparisons as f64
+    };
+    let upper = wilson_upper(counted, e.comparisons);
+    let mut reasons = Vec::new();
+    let mut verdict = "ready";
+    if e.comparisons < gate.min_samples {
+        verdict = "insufficient-data";
+        reasons.push(format!(
+            "{} comparisons in the window, the gate needs {}",
+            e.comparisons, gate.min_samples
+        ));
+    }
+    if e.open_defects > 0 {
+        verdict = "not-ready";
+        reasons.push(format!(
+            "{} open divergence(s) classified as defect",
+            e.open_defects
+        ));
+    }
+    if e.comparisons >= gate.min_samples && upper > gate.max_divergence_rate {
+        verdict = "not-ready";
+        reasons.push(format!(
+            "divergence rate {:.4}% (95% upper bound {:.4}%) is above the gate's {:.4}%",
+            rate * 100.0,
+            upper * 100.0,
+            gate.max_divergence_rate * 100.0
+        ));
+    }
+    if verdict == "ready" {
+        reasons.push(format!(
+            "{} comparisons, divergence rate 95% upper bound {:.4}% within {:.4}%, no open defect",
+            e.comparisons,
+            upper * 100.0,
+            gate.max_divergence_rate * 100.0
+        ));
+    }
+    Verdict {
+        verdict,
+        reasons,
+        divergence_rate: rate,
+        divergence_rate_upper_95: upper,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> Gate {
+        Gate::default()
+    }
+
+    #[test]
+    fn wilson_upper_bound_matches_known_values() {
+        for (x, n, want) in [
+            (0, 1000, 0.003_826_758),
+            (5, 100, 0.111_750_469),
+            (1, 2000, 0.002_826_863),
+            (30, 1000, 0.042_503_414),
+        ] {
+            assert!((wilson_upper(x, n) - want).abs() < 1e-8, "{x}/{n}");
+        }
+        assert_eq!(wilson_upper(0, 0), 1.0);
+    }
+
+    #[test]
+    fn too_few_comparisons_is_insufficient_data() {
+        let v = verdict(
+            &Evidence {
+                comparisons: 999,
+                ..Default::default()
+            },
+            &gate(),
+        );
+        assert_eq!(v.verdict, "insufficient-data");
+    }
+
+    #[test]
+    fn a_clean_route_with_enough_evidence_is_ready() {
+        // 0 of 5,000: upper bound 0.077% < 0.1%.
+        let v = verdict(
+            &Evidence {
+                comparisons: 5000,
+                ..Default::default()
+            },
+            &gate(),
+        );
+        assert_eq!(v.verdict, "ready", "{v:?}");
+        // 0 of 1,000: upper bound 0.38% > 0.1%: not ready yet, although nothing diverged.
+        let v = verdict(
+            &Evidence {
+                comparisons: 1000,
+                ..Default::default()
+            },
+            &gate(),
+        );
+        assert_eq!(v.verdict, "not-ready", "{v:?}");
+    }
+
+    #[test]
+    fn expected_records_do_not_count_and_defects_block() {
+        let e = Evidence {
+            comparisons: 10_000,
+            divergences: 50,
+            expected: 50,
+            open_defects: 0,
+        };
+        assert_eq!(verdict(&e, &gate()).verdict, "ready");
+        let e = Evidence {
+            comparisons: 10_000,
+            divergences: 50,
+            expected: 0,
+            open_defects: 0,
+        };
+        assert_eq!(verdict(&e, &gate()).verdict, "not-ready");
+        let e = Evidence {
+            comparisons: 10_000,
+            divergences: 0,
+            expected: 0,
+            open_defects: 1,
+        };
+        let v = verdict(&e, &gate());
+        assert_eq!(v.verdict, "not-ready");
+        assert!(v.reasons[0].contains("defect"));
+    }
+}
