@@ -12,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
@@ -45,6 +46,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
         .route("/api/divergences", get(list))
         .route("/api/divergences/{id}", get(one).patch(patch))
+        .route("/api/divergences/{id}/replay", post(replay))
         .route("/api/report", get(report))
         .route("/api/rules", get(rules))
         .route("/api/rules/reload", post(reload))
@@ -304,6 +306,195 @@ async fn patch(
     match state.store.update(&record).await {
         Ok(()) => Json(record).into_response(),
         Err(e) => store_error(&e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayQuery {
+    allow_writes: Option<bool>,
+}
+
+/// Largest response body read during a replay.
+const REPLAY_BODY_LIMIT: usize = 8 << 20;
+
+/// Sends the recorded request to both sides now, compares, and resolves the record when they
+/// agree. Non-safe methods need `?allow_writes=true`: a replayed write happens twice.
+async fn replay(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Who>,
+    Path(id): Path<String>,
+    query: Result<Query<ReplayQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "known parameter: allow_writes",
+        );
+    };
+    let mut record = match state.store.get(&id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no divergence `{id}`"),
+            );
+        }
+        Err(e) => return store_error(&e),
+    };
+    let Ok(method) = http::Method::from_bytes(record.request.method.as_bytes()) else {
+        return error(
+            StatusCode::CONFLICT,
+            "unreplayable",
+            "the recorded method is not valid",
+        );
+    };
+    if !crate::shadow::is_safe(&method) && !q.allow_writes.unwrap_or(false) {
+        return error(
+            StatusCode::CONFLICT,
+            "unsafe_method",
+            format!(
+                "{method} is not a safe method: replaying it repeats the write on both sides; add ?allow_writes=true"
+            ),
+        );
+    }
+    if record.request.body.body_truncated
+        || (record.request.body.body.is_none() && record.request.body.body_len > 0)
+    {
+        return error(
+            StatusCode::CONFLICT,
+            "unreplayable",
+            "the recorded request body is incomplete (cut at the record body limit, or not text)",
+        );
+    }
+    let live = state.proxy.live();
+    let Some(route) = live.rules.route_by_name(&record.route) else {
+        return error(
+            StatusCode::CONFLICT,
+            "unreplayable",
+            format!("route `{}` is no longer in the rules", record.route),
+        );
+    };
+    let comparator = route.comparator.clone().unwrap_or_default();
+    let target = match &record.request.query {
+        Some(q) => format!("{}?{q}", record.request.path),
+        None => record.request.path.clone(),
+    };
+    let body = bytes::Bytes::from(record.request.body.body.clone().unwrap_or_default());
+    let mut answers = Vec::with_capacity(2);
+    for upstream in [&live.upstreams[route.legacy], &live.upstreams[route.new]] {
+        let mut req = http::Request::new(crate::proxy::error::full(body.clone()));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = match target.parse() {
+            Ok(uri) => uri,
+            Err(_) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    "unreplayable",
+                    "the recorded path is not a valid URI",
+                );
+            }
+        };
+        for (name, value) in &record.request.headers {
+            // Redacted secrets are not replayed: the upstream sees the request without them.
+            if value == crate::compare::REDACTED {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_str(value),
+            ) {
+                req.headers_mut().append(n, v);
+            }
+        }
+        req.headers_mut()
+            .insert("x-ficus-replay", http::HeaderValue::from_static("1"));
+        let conn = crate::proxy::ConnInfo {
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: false,
+        };
+        let req = match crate::proxy::upstream_request(req, upstream, conn, false) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::CONFLICT, "unreplayable", e.to_string()),
+        };
+        let call = async {
+            let resp = upstream
+                .client()
+                .request(req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (parts, body) = resp.into_parts();
+            let body = http_body_util::Limited::new(body, REPLAY_BODY_LIMIT)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((parts, body))
+        };
+        match tokio::time::timeout(upstream.timeout, call).await {
+            Ok(Ok(answer)) => answers.push(answer),
+            Ok(Err(e)) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "replay_failed",
+                    format!("{}: {e}", upstream.name),
+                );
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "replay_timeout",
+                    format!("{} did not answer in time", upstream.name),
+                );
+            }
+        }
+    }
+    let (new, legacy) = match (answers.pop(), answers.pop()) {
+        (Some(n), Some(l)) => (n, l),
+        _ => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "replay_failed",
+                "missing answer",
+            );
+        }
+    };
+    let mut comparison = comparator.compare(&as_compare(&legacy), &as_compare(&new));
+    for d in &mut comparison.diffs {
+        comparator.redact_diff(d);
+    }
+    let matched = comparison.is_match();
+    let mut what = json!({"replay": if matched { "matched" } else { "still diverges" }});
+    if matched {
+        record.state = RecordState::Resolved;
+        what["state"] = json!("resolved");
+        what["resolution"] = json!("replay matched");
+    }
+    record.history.push(Change {
+        who: who.0,
+        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        what,
+    });
+    if let Err(e) = state.store.update(&record).await {
+        return store_error(&e);
+    }
+    Json(json!({
+        "match": matched,
+        "diffs": comparison.diffs,
+        "legacy": {"status": legacy.0.status.as_u16()},
+        "new": {"status": new.0.status.as_u16()},
+        "record": record,
+    }))
+    .into_response()
+}
+
+fn as_compare(a: &(http::response::Parts, bytes::Bytes)) -> crate::compare::Response<'_> {
+    crate::compare::Response {
+        status: a.0.status.as_u16(),
+        headers: &a.0.headers,
+        body: &a.1,
     }
 }
 
