@@ -447,3 +447,67 @@ async fn replay_resolves_a_record_once_the_new_side_is_fixed_and_refuses_writes(
     assert_eq!(resp.status(), 200);
     assert_eq!(replay("nope".into(), "").await.status(), 404);
 }
+
+#[tokio::test]
+async fn groups_gather_one_root_cause_and_change_together() {
+    let (_l, _n, proxy) = setup(&[("bob", "t0ken")]).await;
+    let c = client();
+    let groups: Value = c
+        .get(proxy.admin_url("/api/groups"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = groups["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{groups}");
+    assert_eq!(items[0]["route"], "orders");
+    assert_eq!(items[0]["count"], 3);
+    assert_eq!(items[0]["paths"], json!(["/total"]));
+    assert_eq!(items[0]["states"]["open"], 3);
+    assert_eq!(groups["truncated"], false);
+    let fp = items[0]["fingerprint"].as_str().unwrap().to_string();
+
+    let resp: Value = c
+        .patch(proxy.admin_url(&format!("/api/groups/{fp}")))
+        .bearer_auth("t0ken")
+        .json(&json!({"state": "expected", "class": "rounding"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["updated"], 3);
+    let expected: Value = c
+        .get(proxy.admin_url("/api/groups?state=expected"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(expected["items"][0]["count"], 3);
+    assert_eq!(expected["items"][0]["classes"]["rounding"], 3);
+    let users: Value = c
+        .get(proxy.admin_url("/api/groups?route=users&state=open"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(users["items"].as_array().unwrap().len(), 1);
+    let missing = c
+        .patch(proxy.admin_url("/api/groups/0000"))
+        .bearer_auth("t0ken")
+        .json(&json!({"state": "expected"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}

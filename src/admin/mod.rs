@@ -47,6 +47,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/divergences", get(list))
         .route("/api/divergences/{id}", get(one).patch(patch))
         .route("/api/divergences/{id}/replay", post(replay))
+        .route("/api/groups", get(groups))
+        .route(
+            "/api/groups/{fingerprint}",
+            axum::routing::patch(patch_group),
+        )
         .route("/api/report", get(report))
         .route("/api/rules", get(rules))
         .route("/api/rules/reload", post(reload))
@@ -261,48 +266,9 @@ async fn patch(
         }
         Err(e) => return store_error(&e),
     };
-    if changes.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "bad_body", "nothing to change");
+    if let Err(resp) = apply_changes(&mut record, &changes, &who) {
+        return resp;
     }
-    for (key, value) in &changes {
-        let text = match value {
-            Value::String(s) => Some(s.clone()),
-            Value::Null => None,
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("`{key}` must be a string (or null to clear class or note)"),
-                );
-            }
-        };
-        match key.as_str() {
-            "state" => match text.as_deref().and_then(RecordState::parse) {
-                Some(s) => record.state = s,
-                None => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_state",
-                        "state is open, acknowledged, expected or resolved",
-                    );
-                }
-            },
-            "class" => record.class = text.filter(|c| !c.is_empty()),
-            "note" => record.note = text,
-            other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("unknown field `{other}`: use state, class, note"),
-                );
-            }
-        }
-    }
-    record.history.push(Change {
-        who: who.0,
-        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        what: Value::Object(changes),
-    });
     match state.store.update(&record).await {
         Ok(()) => Json(record).into_response(),
         Err(e) => store_error(&e),
@@ -586,6 +552,200 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
         }));
     }
     Json(json!({ "routes": routes })).into_response()
+}
+
+/// Applies a `{"state", "class", "note"}` patch to a record and notes it in its history.
+#[allow(clippy::result_large_err)]
+fn apply_changes(
+    record: &mut crate::record::Record,
+    changes: &Map<String, Value>,
+    who: &Who,
+) -> Result<(), Response> {
+    if changes.is_empty() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "nothing to change",
+        ));
+    }
+    for (key, value) in changes {
+        let text = match value {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            _ => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("`{key}` must be a string (or null to clear class or note)"),
+                ));
+            }
+        };
+        match key.as_str() {
+            "state" => match text.as_deref().and_then(RecordState::parse) {
+                Some(s) => record.state = s,
+                None => {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_state",
+                        "state is open, acknowledged, expected or resolved",
+                    ));
+                }
+            },
+            "class" => record.class = text.filter(|c| !c.is_empty()),
+            "note" => record.note = text,
+            other => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("unknown field `{other}`: use state, class, note"),
+                ));
+            }
+        }
+    }
+    record.history.push(Change {
+        who: who.0.clone(),
+        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        what: Value::Object(changes.clone()),
+    });
+    Ok(())
+}
+
+/// Records read at most to build groups or to change a group (newest first).
+const GROUP_SCAN_LIMIT: usize = 10_000;
+
+/// Pages through the records a filter selects, newest first, up to [`GROUP_SCAN_LIMIT`].
+async fn scan(
+    store: &dyn Store,
+    mut filter: Filter,
+) -> Result<(Vec<crate::record::Record>, bool), StoreError> {
+    filter.limit = 1000;
+    filter.cursor = None;
+    let mut out = Vec::new();
+    loop {
+        let page = store.list(&filter).await?;
+        out.extend(page.items);
+        match page.next {
+            Some(next) if out.len() < GROUP_SCAN_LIMIT => filter.cursor = Some(next),
+            Some(_) => return Ok((out, true)),
+            None => return Ok((out, false)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupQuery {
+    route: Option<String>,
+    state: Option<String>,
+}
+
+/// Divergences grouped by fingerprint: one root cause per group.
+async fn groups(
+    State(state): State<Arc<AdminState>>,
+    query: Result<Query<GroupQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "known parameters: route, state",
+        );
+    };
+    let record_state = match q.state.as_deref().map(RecordState::parse) {
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_state",
+                "state is open, acknowledged, expected or resolved",
+            );
+        }
+        Some(s) => s,
+        None => None,
+    };
+    let filter = Filter {
+        route: q.route,
+        state: record_state,
+        ..Filter::default()
+    };
+    let (records, truncated) = match scan(&*state.store, filter).await {
+        Ok(r) => r,
+        Err(e) => return store_error(&e),
+    };
+    // Records come newest first: the first of a group is its last seen.
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
+    for r in &records {
+        let g = groups.entry(r.fingerprint.clone()).or_insert_with(|| {
+            order.push(r.fingerprint.clone());
+            json!({
+                "fingerprint": r.fingerprint,
+                "route": r.route,
+                "paths": r.paths,
+                "count": 0,
+                "first_seen": r.at,
+                "last_seen": r.at,
+                "example": r.id,
+                "states": {},
+                "classes": {},
+            })
+        });
+        g["count"] = json!(g["count"].as_u64().unwrap_or(0) + 1);
+        g["first_seen"] = json!(r.at);
+        let st = r.state.as_str();
+        g["states"][st] = json!(g["states"][st].as_u64().unwrap_or(0) + 1);
+        if let Some(class) = &r.class {
+            g["classes"][class] = json!(g["classes"][class].as_u64().unwrap_or(0) + 1);
+        }
+    }
+    let mut items: Vec<Value> = order
+        .into_iter()
+        .filter_map(|fp| groups.remove(&fp))
+        .collect();
+    items.sort_by_key(|g| std::cmp::Reverse(g["count"].as_u64().unwrap_or(0)));
+    Json(json!({ "items": items, "truncated": truncated })).into_response()
+}
+
+/// Applies one patch to every record of a group.
+async fn patch_group(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Who>,
+    Path(fingerprint): Path<String>,
+    body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(changes)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "send a JSON object with any of state, class, note",
+        );
+    };
+    let filter = Filter {
+        fingerprint: Some(fingerprint.clone()),
+        ..Filter::default()
+    };
+    let (records, truncated) = match scan(&*state.store, filter).await {
+        Ok(r) => r,
+        Err(e) => return store_error(&e),
+    };
+    if records.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no divergences with fingerprint `{fingerprint}`"),
+        );
+    }
+    let mut updated = 0;
+    for mut record in records {
+        if let Err(resp) = apply_changes(&mut record, &changes, &who) {
+            return resp;
+        }
+        if let Err(e) = state.store.update(&record).await {
+            return store_error(&e);
+        }
+        updated += 1;
+    }
+    Json(json!({ "fingerprint": fingerprint, "updated": updated, "truncated": truncated }))
+        .into_response()
 }
 
 async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
