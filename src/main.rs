@@ -1,4 +1,7 @@
-//! The `ficus` command: serve, rules check / explain, demo. Start-up and exit codes live here.
+//! The `ficus` command: serve, rules check / explain, demo, and the admin API clients
+//! (divergences, groups, report). Start-up and exit codes live here.
+
+mod client;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -50,6 +53,31 @@ enum Command {
     Rules(RulesCommand),
     /// Start two example backends and ficus in front of them, and show what to try.
     Demo(DemoArgs),
+    /// Work through divergences on a running ficus (through its admin API).
+    Divergences {
+        #[command(flatten)]
+        admin: client::AdminArgs,
+        #[command(subcommand)]
+        command: client::DivergencesCommand,
+    },
+    /// Divergences grouped by root cause (fingerprint) on a running ficus.
+    Groups {
+        #[command(flatten)]
+        admin: client::AdminArgs,
+        #[command(subcommand)]
+        command: client::GroupsCommand,
+    },
+    /// The readiness report of a running ficus: a verdict per route.
+    Report {
+        #[command(flatten)]
+        admin: client::AdminArgs,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 unless this route's verdict is `ready` (a CI gate for shifting authority).
+        #[arg(long, value_name = "ROUTE")]
+        fail_unless_ready: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -273,7 +301,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that print reports keep stderr for real problems only.
     let filter = match cli.command {
-        Command::Rules(_) => "warn",
+        Command::Rules(_)
+        | Command::Divergences { .. }
+        | Command::Groups { .. }
+        | Command::Report { .. } => "warn",
         _ => cli.log.as_str(),
     };
     if let Err(e) = telemetry::init(cli.log_format, filter) {
@@ -291,6 +322,23 @@ fn main() -> ExitCode {
             client_ip,
         }) => explain(&path, &method, &url, &headers, client_ip),
         Command::Demo(args) => demo(args),
+        Command::Divergences { admin, command } => {
+            runtime().and_then(|rt| rt.block_on(client::divergences(&admin, command)))
+        }
+        Command::Groups { admin, command } => {
+            runtime().and_then(|rt| rt.block_on(client::groups(&admin, command)))
+        }
+        Command::Report {
+            admin,
+            json,
+            fail_unless_ready,
+        } => match runtime()
+            .and_then(|rt| rt.block_on(client::report(&admin, json, fail_unless_ready)))
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -511,3 +511,95 @@ async fn groups_gather_one_root_cause_and_change_together() {
         .unwrap();
     assert_eq!(missing.status(), 404);
 }
+
+/// The CLI against a running ficus: list, show, set, groups, report and its CI gate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_wraps_the_api() {
+    let (_l, _n, proxy) = setup(&[("carol", "cli-token")]).await;
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let run = move |args: Vec<String>| {
+        let admin = admin.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
+                    .args(&args)
+                    .env("FICUS_ADMIN", &admin)
+                    .env("FICUS_ADMIN_TOKEN", "carol=cli-token")
+                    .output()
+                    .unwrap();
+                (
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+
+    let (code, out, err) = run(args("divergences list --route orders --json")).await;
+    assert_eq!(code, 0, "{err}");
+    let page: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 3);
+    let id = page["items"][0]["id"].as_str().unwrap().to_string();
+
+    let (code, out, _) = run(args("divergences list")).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("ID"), "{out}");
+    assert_eq!(out.lines().count(), 6, "a header and five rows:\n{out}");
+
+    let (code, out, _) = run(args(&format!("divergences show {id}"))).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("replace /total: 1 -> 2"), "{out}");
+
+    let (code, out, err) = run(args(&format!(
+        "divergences set {id} --state acknowledged --class rounding"
+    )))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is acknowledged (rounding)"), "{out}");
+    let record: Value = client()
+        .get(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .bearer_auth("cli-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["history"][0]["who"], "carol");
+
+    let (code, out, _) = run(args("groups list")).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("orders") && out.contains("/total"), "{out}");
+
+    // Five comparisons are far from the default gate of 1,000: not ready, exit 1.
+    let (code, out, _) = run(args("report --fail-unless-ready orders")).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("insufficient-data"), "{out}");
+    let (code, _, err) = run(args("report --fail-unless-ready nosuch")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not in the rules"), "{err}");
+
+    // A wrong token is a clear error, not a crash.
+    let (code, _, err) = tokio::task::spawn_blocking({
+        let admin = format!("http://{}", proxy.ficus.admin_addr());
+        move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
+                .args(["divergences", "list", "--admin", &admin, "--token", "wrong"])
+                .output()
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                (),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+}

@@ -1,0 +1,489 @@
+//! The `ficus` commands that talk to a running ficus through its admin API: divergences,
+//! groups, report. Human output is aligned text; `--json` prints the API's JSON as is.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+/// Where the admin API is.
+#[derive(Args, Clone)]
+pub struct AdminArgs {
+    /// Admin API base URL.
+    #[arg(
+        long,
+        env = "FICUS_ADMIN",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:9901",
+        global = true
+    )]
+    pub admin: String,
+    /// Admin token (`NAME=TOKEN` accepted, as for `serve --admin-token`).
+    #[arg(long, env = "FICUS_ADMIN_TOKEN", value_name = "TOKEN", global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum DivergencesCommand {
+    /// List divergences, newest first.
+    List {
+        #[arg(long)]
+        route: Option<String>,
+        /// open, acknowledged, expected or resolved.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one divergence: the request, both answers, the differences.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the state, class or note of a divergence.
+    Set {
+        id: String,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        class: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Send the recorded request to both sides again and compare; resolves it on a match.
+    Replay {
+        id: String,
+        /// Replay a non-safe method (the write happens again on both sides).
+        #[arg(long)]
+        allow_writes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum GroupsCommand {
+    /// Divergences grouped by fingerprint, largest group first.
+    List {
+        #[arg(long)]
+        route: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Calls the admin API; returns the status and the JSON body.
+async fn call(
+    admin: &AdminArgs,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value)> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("{}{path}", admin.admin.trim_end_matches('/'));
+    let mut req = Request::builder().method(method).uri(&url);
+    if let Some(token) = &admin.token {
+        let token = token.split_once('=').map_or(token.as_str(), |(_, t)| t);
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            Full::new(Bytes::from(v.to_string()))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    let resp = client
+        .request(req.body(body).context("bad admin URL")?)
+        .await
+        .with_context(|| format!("cannot reach the admin API at {}", admin.admin))?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok((status, value))
+}
+
+/// Calls the API and fails with its error message on a non-2xx answer.
+async fn call_ok(
+    admin: &AdminArgs,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value> {
+    let (status, value) = call(admin, method, path, body).await?;
+    if !status.is_success() {
+        bail!(
+            "{status}: {} ({})",
+            value["message"].as_str().unwrap_or("no message"),
+            value["error"].as_str().unwrap_or("error")
+        );
+    }
+    Ok(value)
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| {
+            v.as_ref().map(|v| {
+                format!(
+                    "{k}={}",
+                    form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
+                )
+            })
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Left-aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.iter().map(|h| h.to_string()).collect(), &mut out);
+    for row in rows {
+        line(row.clone(), &mut out);
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn diff_line(d: &Value) -> String {
+    match d["in"].as_str() {
+        Some("status") => format!("status {} -> {}", d["old"], d["value"]),
+        Some("header") => format!(
+            "header {}: {} -> {}",
+            text(&d["path"]),
+            text(&d["old"]),
+            text(&d["value"])
+        ),
+        _ => match d["op"].as_str() {
+            Some("add") => format!("add {} = {}", text(&d["path"]), d["value"]),
+            Some("remove") => format!("remove {} (was {})", text(&d["path"]), d["old"]),
+            Some("replace") => format!(
+                "replace {}: {} -> {}",
+                text(&d["path"]),
+                d["old"],
+                d["value"]
+            ),
+            _ => format!("body {}", d),
+        },
+    }
+}
+
+pub async fn divergences(admin: &AdminArgs, cmd: DivergencesCommand) -> Result<()> {
+    match cmd {
+        DivergencesCommand::List {
+            route,
+            state,
+            limit,
+            json,
+        } => {
+            let path = format!(
+                "/api/divergences{}",
+                query(&[
+                    ("route", route),
+                    ("state", state),
+                    ("limit", Some(limit.to_string()))
+                ])
+            );
+            let page = call_ok(admin, Method::GET, &path, None).await?;
+            if json {
+                print_json(&page);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = page["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        text(&r["id"]),
+                        text(&r["at"]),
+                        text(&r["route"]),
+                        text(&r["state"]),
+                        text(&r["class"]),
+                        format!(
+                            "{} {}",
+                            text(&r["request"]["method"]),
+                            text(&r["request"]["path"])
+                        ),
+                        r["paths"]
+                            .as_array()
+                            .map(|p| p.iter().map(text).collect::<Vec<_>>().join(", "))
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "ID",
+                        "AT",
+                        "ROUTE",
+                        "STATE",
+                        "CLASS",
+                        "REQUEST",
+                        "DIFFERS AT"
+                    ],
+                    &rows
+                )
+            );
+        }
+        DivergencesCommand::Show { id, json } => {
+            let r = call_ok(admin, Method::GET, &format!("/api/divergences/{id}"), None).await?;
+            if json {
+                print_json(&r);
+                return Ok(());
+            }
+            let req = &r["request"];
+            println!(
+                "{} {}{}",
+                text(&req["method"]),
+                text(&req["path"]),
+                req["query"]
+                    .as_str()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default()
+            );
+            println!(
+                "route {}  authority {}  state {}  class {}  at {}",
+                text(&r["route"]),
+                text(&r["authority"]),
+                text(&r["state"]),
+                text(&r["class"]),
+                text(&r["at"])
+            );
+            for side in ["legacy", "new"] {
+                println!(
+                    "{side:<6} {} in {} ms",
+                    r[side]["status"], r[side]["latency_ms"]
+                );
+            }
+            println!("differences:");
+            for d in r["diffs"].as_array().into_iter().flatten() {
+                println!("  {}", diff_line(d));
+            }
+            if let Some(note) = r["note"].as_str() {
+                println!("note: {note}");
+            }
+        }
+        DivergencesCommand::Set {
+            id,
+            state,
+            class,
+            note,
+        } => {
+            let mut patch = serde_json::Map::new();
+            for (k, v) in [("state", state), ("class", class), ("note", note)] {
+                if let Some(v) = v {
+                    patch.insert(k.into(), json!(v));
+                }
+            }
+            if patch.is_empty() {
+                bail!("nothing to set: give --state, --class or --note");
+            }
+            let r = call_ok(
+                admin,
+                Method::PATCH,
+                &format!("/api/divergences/{id}"),
+                Some(Value::Object(patch)),
+            )
+            .await?;
+            println!(
+                "{} is {}{}",
+                text(&r["id"]),
+                text(&r["state"]),
+                r["class"]
+                    .as_str()
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default()
+            );
+        }
+        DivergencesCommand::Replay {
+            id,
+            allow_writes,
+            json,
+        } => {
+            let q = if allow_writes {
+                "?allow_writes=true"
+            } else {
+                ""
+            };
+            let r = call_ok(
+                admin,
+                Method::POST,
+                &format!("/api/divergences/{id}/replay{q}"),
+                None,
+            )
+            .await?;
+            if json {
+                print_json(&r);
+                return Ok(());
+            }
+            if r["match"] == true {
+                println!("the answers match now: {id} is resolved");
+            } else {
+                println!("the answers still differ:");
+                for d in r["diffs"].as_array().into_iter().flatten() {
+                    println!("  {}", diff_line(d));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn groups(admin: &AdminArgs, cmd: GroupsCommand) -> Result<()> {
+    let GroupsCommand::List { route, state, json } = cmd;
+    let g = call_ok(
+        admin,
+        Method::GET,
+        &format!(
+            "/api/groups{}",
+            query(&[("route", route), ("state", state)])
+        ),
+        None,
+    )
+    .await?;
+    if json {
+        print_json(&g);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = g["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            vec![
+                text(&i["fingerprint"]),
+                text(&i["route"]),
+                text(&i["count"]),
+                text(&i["last_seen"]),
+                i["paths"]
+                    .as_array()
+                    .map(|p| p.iter().map(text).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["FINGERPRINT", "ROUTE", "COUNT", "LAST SEEN", "DIFFERS AT"],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+/// Prints the readiness report; with `fail_unless_ready`, fails unless that route is ready.
+pub async fn report(
+    admin: &AdminArgs,
+    json: bool,
+    fail_unless_ready: Option<String>,
+) -> Result<bool> {
+    let r = call_ok(admin, Method::GET, "/api/report", None).await?;
+    if json {
+        print_json(&r);
+    } else {
+        let rows: Vec<Vec<String>> = r["routes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| {
+                vec![
+                    text(&x["route"]),
+                    text(&x["authority"]),
+                    text(&x["verdict"]),
+                    text(&x["comparisons"]["window"]),
+                    format!(
+                        "{:.4}%",
+                        x["divergence_rate"].as_f64().unwrap_or(0.0) * 100.0
+                    ),
+                    format!(
+                        "{:.4}%",
+                        x["divergence_rate_upper_95"].as_f64().unwrap_or(0.0) * 100.0
+                    ),
+                    x["reasons"]
+                        .as_array()
+                        .map(|p| p.iter().map(text).collect::<Vec<_>>().join("; "))
+                        .unwrap_or_default(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &[
+                    "ROUTE",
+                    "AUTHORITY",
+                    "VERDICT",
+                    "COMPARISONS",
+                    "RATE",
+                    "UPPER 95%",
+                    "REASONS"
+                ],
+                &rows
+            )
+        );
+    }
+    let Some(route) = fail_unless_ready else {
+        return Ok(true);
+    };
+    let found = r["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|x| x["route"] == route.as_str());
+    match found {
+        None => bail!("route `{route}` is not in the rules in force"),
+        Some(x) => Ok(x["verdict"] == "ready"),
+    }
+}
