@@ -603,3 +603,52 @@ async fn the_cli_wraps_the_api() {
     assert_eq!(code, 1);
     assert!(err.contains("401"), "{err}");
 }
+
+#[tokio::test]
+async fn classify_rules_class_new_records_on_arrival() {
+    let legacy = Backend::with_handler("legacy", |_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(json!({"meta": {"t": 1}, "v": 1}).to_string()))
+            .unwrap()
+    })
+    .await;
+    let new = Backend::with_handler("new", |req| async move {
+        let v = if req.uri().path().starts_with("/real/") {
+            2
+        } else {
+            1
+        };
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(json!({"meta": {"t": 2}, "v": v}).to_string()))
+            .unwrap()
+    })
+    .await;
+    let rules = r#"
+[[route]]
+name = "orders"
+[route.shadow]
+[[route.classify]]
+class = "benign-timing"
+paths = ["/meta/**"]
+"#;
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    c.get(proxy.url("/timing/1")).send().await.unwrap();
+    c.get(proxy.url("/real/1")).send().await.unwrap();
+    let records = proxy.wait_records(2).await;
+    let timing = records
+        .iter()
+        .find(|r| r.request.path == "/timing/1")
+        .unwrap();
+    let real = records
+        .iter()
+        .find(|r| r.request.path == "/real/1")
+        .unwrap();
+    assert_eq!(timing.class.as_deref(), Some("benign-timing"));
+    assert_eq!(
+        real.class, None,
+        "a difference outside the rule's paths stays unclassified"
+    );
+}

@@ -203,6 +203,7 @@ impl Proxy {
                 .as_ref()
                 .and_then(|s| s.timeout)
                 .unwrap_or(self.shadow.settings().timeout),
+            classify: route.classify.clone(),
             shadow: live.upstreams[decision.other_upstream()].clone(),
             legacy: live.upstreams[route.legacy].clone(),
         };

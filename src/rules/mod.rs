@@ -582,6 +582,55 @@ impl Builder<'_> {
                 gate.window = d;
             }
         }
+        let mut classify = Vec::new();
+        for rule in &raw.classify {
+            let class = rule.class.get_ref().trim();
+            if class.is_empty() {
+                self.error(
+                    map,
+                    &rule.class.span(),
+                    "empty class".into(),
+                    Some("name the class, e.g. \"benign-timing\"".into()),
+                );
+                continue;
+            }
+            if rule.paths.get_ref().is_empty() {
+                self.error(
+                    map,
+                    &rule.paths.span(),
+                    "`paths` is empty, so the rule could never apply".into(),
+                    Some("list JSON Pointer patterns such as \"/meta/**\"".into()),
+                );
+                continue;
+            }
+            let mut paths = Vec::new();
+            for p in rule.paths.get_ref() {
+                let text = p.get_ref();
+                let valid = text == "status"
+                    || text.strip_prefix("header:").is_some_and(|h| !h.is_empty())
+                    || (text.starts_with('/')
+                        && CompareSpec {
+                            ignore: vec![text.clone()],
+                            ..CompareSpec::default()
+                        }
+                        .compile()
+                        .is_ok());
+                if valid {
+                    paths.push(text.as_str().into());
+                } else {
+                    self.error(
+                        map,
+                        &p.span(),
+                        format!("bad classify path `{text}`"),
+                        Some("a JSON Pointer pattern (\"/items/*/etag\", \"/meta/**\"), `status` or `header:NAME`".into()),
+                    );
+                }
+            }
+            classify.push(ClassifyRule {
+                class: Arc::from(class),
+                paths,
+            });
+        }
         let (compare, comparator) = self.compare(map, raw.compare.as_ref());
         let comparator = comparator.filter(|_| shadow.is_some()).map(Arc::new);
 
@@ -607,6 +656,7 @@ impl Builder<'_> {
             compare,
             comparator,
             gate,
+            classify: classify.into(),
         });
     }
 

@@ -100,6 +100,28 @@ pub struct Shadow {
     pub noise_probe: f64,
 }
 
+/// `[[route.classify]]`: divergences whose differing paths all fall under `paths` get `class`
+/// when they are recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifyRule {
+    pub class: Arc<str>,
+    /// JSON Pointer patterns (`*` one segment, `**` any depth), or `status` / `header:NAME`.
+    pub paths: Vec<Box<str>>,
+}
+
+impl ClassifyRule {
+    /// Whether every one of a record's differing paths is covered by this rule.
+    pub fn covers(&self, paths: &[String]) -> bool {
+        !paths.is_empty()
+            && paths.iter().all(|path| {
+                self.paths.iter().any(|p| {
+                    **p == **path
+                        || (p.starts_with('/') && crate::compare::pattern_matches(p, path))
+                })
+            })
+    }
+}
+
 /// `[route.gate]`: when the evidence says the new side may take authority.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gate {
@@ -192,6 +214,8 @@ pub struct Route {
     /// The compiled comparison rules; present on routes with a `[route.shadow]`.
     pub comparator: Option<Arc<Comparator>>,
     pub gate: Gate,
+    /// `[[route.classify]]` rules, first match wins.
+    pub classify: Arc<[ClassifyRule]>,
 }
 
 impl Route {
@@ -222,6 +246,7 @@ impl Route {
             compare: CompareSpec::default(),
             comparator: None,
             gate: Gate::default(),
+            classify: Arc::from(Vec::new()),
         }
     }
 }

@@ -46,6 +46,15 @@ pub(super) struct RawRoute {
     pub shadow: Option<RawShadow>,
     pub compare: Option<Spanned<RawCompare>>,
     pub gate: Option<RawGate>,
+    #[serde(default)]
+    pub classify: Vec<RawClassify>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClassify {
+    pub class: Spanned<String>,
+    pub paths: Spanned<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -182,6 +182,14 @@ fn rejects_bad_values_with_hints() {
             "r.toml:4:11: error: compare.ignore: pattern `meta` must start with `/`",
         ),
         ("[[route]]\npriority = 1\n", "missing field `name`"),
+        (
+            "[[route]]\nname = \"a\"\n[[route.classify]]\nclass = \"x\"\npaths = [\"meta\"]\n",
+            "r.toml:5:10: error: bad classify path `meta`",
+        ),
+        (
+            "[[route]]\nname = \"a\"\n[route.gate]\nmax_divergence_rate = 2.0\n",
+            "max_divergence_rate 2 is outside 0..1",
+        ),
         ("[[route]\nname = \"a\"\n", "r.toml:1:"),
     ];
     for (text, want) in cases {

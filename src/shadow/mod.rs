@@ -281,6 +281,8 @@ pub struct RouteContext {
     pub legacy: Upstream,
     /// Time allowed for the whole shadow exchange.
     pub timeout: Duration,
+    /// Automatic classification of new records.
+    pub classify: Arc<[crate::rules::ClassifyRule]>,
 }
 
 /// The shadowing stage: admission, the mirrored call, comparison, recording.
@@ -560,8 +562,18 @@ impl Shadower {
                 paths = ?record.paths,
                 "responses diverged"
             );
+            let mut record = record;
+            record.class = route
+                .classify
+                .iter()
+                .find(|rule| rule.covers(&record.paths))
+                .map(|rule| rule.class.to_string());
             self.count_fields(&route.name, &record.paths);
-            metrics::counter!(telemetry::DIVERGENCES_TOTAL, "route" => route.name.clone(), "class" => "unclassified")
+            let class = record
+                .class
+                .clone()
+                .unwrap_or_else(|| "unclassified".into());
+            metrics::counter!(telemetry::DIVERGENCES_TOTAL, "route" => route.name.clone(), "class" => class)
                 .increment(1);
             self.recorder.record(record);
         }
