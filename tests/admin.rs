@@ -652,3 +652,32 @@ paths = ["/meta/**"]
         "a difference outside the rule's paths stays unclassified"
     );
 }
+
+#[tokio::test]
+async fn a_group_replays_a_bounded_sample() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let c = client();
+    let groups: Value = c
+        .get(proxy.admin_url("/api/groups?route=orders"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let fp = groups["items"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let answer: Value = c
+        .post(proxy.admin_url(&format!("/api/groups/{fp}/replay?sample=2")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["replayed"], 2, "{answer}");
+    assert_eq!(answer["matched"], 0, "the backends still disagree");
+    assert_eq!(answer["results"][0]["match"], false);
+}

@@ -52,6 +52,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/api/groups/{fingerprint}",
             axum::routing::patch(patch_group),
         )
+        .route("/api/groups/{fingerprint}/replay", post(replay_group))
         .route("/api/report", get(report))
         .route("/api/rules", get(rules))
         .route("/api/rules/reload", post(reload))
@@ -299,7 +300,7 @@ async fn replay(
             "known parameter: allow_writes",
         );
     };
-    let mut record = match state.store.get(&id).await {
+    let record = match state.store.get(&id).await {
         Ok(Some(r)) => r,
         Ok(None) => {
             return error(
@@ -310,38 +311,51 @@ async fn replay(
         }
         Err(e) => return store_error(&e),
     };
+    match replay_record(&state, &who, record, q.allow_writes.unwrap_or(false)).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// Replays one record; the answer or the error response.
+async fn replay_record(
+    state: &AdminState,
+    who: &Who,
+    mut record: crate::record::Record,
+    allow_writes: bool,
+) -> Result<Value, Response> {
     let Ok(method) = http::Method::from_bytes(record.request.method.as_bytes()) else {
-        return error(
+        return Err(error(
             StatusCode::CONFLICT,
             "unreplayable",
             "the recorded method is not valid",
-        );
+        ));
     };
-    if !crate::shadow::is_safe(&method) && !q.allow_writes.unwrap_or(false) {
-        return error(
+    if !crate::shadow::is_safe(&method) && !allow_writes {
+        return Err(error(
             StatusCode::CONFLICT,
             "unsafe_method",
             format!(
                 "{method} is not a safe method: replaying it repeats the write on both sides; add ?allow_writes=true"
             ),
-        );
+        ));
     }
     if record.request.body.body_truncated
         || (record.request.body.body.is_none() && record.request.body.body_len > 0)
     {
-        return error(
+        return Err(error(
             StatusCode::CONFLICT,
             "unreplayable",
             "the recorded request body is incomplete (cut at the record body limit, or not text)",
-        );
+        ));
     }
     let live = state.proxy.live();
     let Some(route) = live.rules.route_by_name(&record.route) else {
-        return error(
+        return Err(error(
             StatusCode::CONFLICT,
             "unreplayable",
             format!("route `{}` is no longer in the rules", record.route),
-        );
+        ));
     };
     let comparator = route.comparator.clone().unwrap_or_default();
     let target = match &record.request.query {
@@ -356,11 +370,11 @@ async fn replay(
         *req.uri_mut() = match target.parse() {
             Ok(uri) => uri,
             Err(_) => {
-                return error(
+                return Err(error(
                     StatusCode::CONFLICT,
                     "unreplayable",
                     "the recorded path is not a valid URI",
-                );
+                ));
             }
         };
         for (name, value) in &record.request.headers {
@@ -383,7 +397,7 @@ async fn replay(
         };
         let req = match crate::proxy::upstream_request(req, upstream, conn, false) {
             Ok(r) => r,
-            Err(e) => return error(StatusCode::CONFLICT, "unreplayable", e.to_string()),
+            Err(e) => return Err(error(StatusCode::CONFLICT, "unreplayable", e.to_string())),
         };
         let call = async {
             let resp = upstream
@@ -402,29 +416,29 @@ async fn replay(
         match tokio::time::timeout(upstream.timeout, call).await {
             Ok(Ok(answer)) => answers.push(answer),
             Ok(Err(e)) => {
-                return error(
+                return Err(error(
                     StatusCode::BAD_GATEWAY,
                     "replay_failed",
                     format!("{}: {e}", upstream.name),
-                );
+                ));
             }
             Err(_) => {
-                return error(
+                return Err(error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "replay_timeout",
                     format!("{} did not answer in time", upstream.name),
-                );
+                ));
             }
         }
     }
     let (new, legacy) = match (answers.pop(), answers.pop()) {
         (Some(n), Some(l)) => (n, l),
         _ => {
-            return error(
+            return Err(error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "replay_failed",
                 "missing answer",
-            );
+            ));
         }
     };
     let mut comparison = comparator.compare(&as_compare(&legacy), &as_compare(&new));
@@ -439,21 +453,20 @@ async fn replay(
         what["resolution"] = json!("replay matched");
     }
     record.history.push(Change {
-        who: who.0,
+        who: who.0.clone(),
         at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         what,
     });
     if let Err(e) = state.store.update(&record).await {
-        return store_error(&e);
+        return Err(store_error(&e));
     }
-    Json(json!({
+    Ok(json!({
         "match": matched,
         "diffs": comparison.diffs,
         "legacy": {"status": legacy.0.status.as_u16()},
         "new": {"status": new.0.status.as_u16()},
         "record": record,
     }))
-    .into_response()
 }
 
 fn as_compare(a: &(http::response::Parts, bytes::Bytes)) -> crate::compare::Response<'_> {
@@ -746,6 +759,64 @@ async fn patch_group(
     }
     Json(json!({ "fingerprint": fingerprint, "updated": updated, "truncated": truncated }))
         .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupReplayQuery {
+    sample: Option<usize>,
+    allow_writes: Option<bool>,
+}
+
+/// Replays a bounded sample of a group (its newest records; default 5, at most 20).
+async fn replay_group(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Who>,
+    Path(fingerprint): Path<String>,
+    query: Result<Query<GroupReplayQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "known parameters: sample, allow_writes",
+        );
+    };
+    let filter = Filter {
+        fingerprint: Some(fingerprint.clone()),
+        limit: q.sample.unwrap_or(5).clamp(1, 20),
+        ..Filter::default()
+    };
+    let records = match state.store.list(&filter).await {
+        Ok(page) => page.items,
+        Err(e) => return store_error(&e),
+    };
+    if records.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no divergences with fingerprint `{fingerprint}`"),
+        );
+    }
+    let mut results = Vec::new();
+    let mut matched = 0;
+    for record in records {
+        let id = record.id.clone();
+        match replay_record(&state, &who, record, q.allow_writes.unwrap_or(false)).await {
+            Ok(answer) => {
+                matched += usize::from(answer["match"] == true);
+                results.push(json!({"id": id, "match": answer["match"]}));
+            }
+            Err(resp) => results.push(json!({"id": id, "error": resp.status().as_u16()})),
+        }
+    }
+    Json(json!({
+        "fingerprint": fingerprint,
+        "replayed": results.len(),
+        "matched": matched,
+        "results": results,
+    }))
+    .into_response()
 }
 
 async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
