@@ -487,3 +487,63 @@ pub async fn report(
         Some(x) => Ok(x["verdict"] == "ready"),
     }
 }
+
+/// `ficus rules impact PATH`: what the candidate rules' compare settings would do to the
+/// divergences on record of a running ficus.
+pub async fn impact(admin: &AdminArgs, path: &std::path::Path, json: bool) -> Result<()> {
+    let files = ficus::rules::rule_files(path).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{}", lines.join("\n"))
+    })?;
+    let mut body = serde_json::Map::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        body.insert(file.display().to_string(), json!(text));
+    }
+    let (status, answer) = call(
+        admin,
+        Method::POST,
+        "/api/rules/impact",
+        Some(json!({ "files": body })),
+    )
+    .await?;
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        for e in answer["errors"].as_array().into_iter().flatten() {
+            eprintln!("{}", text(e));
+        }
+        bail!("the candidate rules are invalid");
+    }
+    if !status.is_success() {
+        bail!(
+            "{status}: {}",
+            answer["message"].as_str().unwrap_or("no message")
+        );
+    }
+    if json {
+        print_json(&answer);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = answer["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            vec![
+                text(&r["route"]),
+                text(&r["records"]),
+                text(&r["totals"]["would_match"]),
+                text(&r["totals"]["would_remain"]),
+                text(&r["totals"]["unknown"]),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &["ROUTE", "RECORDS", "WOULD MATCH", "WOULD REMAIN", "UNKNOWN"],
+            &rows
+        )
+    );
+    Ok(())
+}

@@ -286,6 +286,17 @@ enum RulesCommand {
         #[arg(long, default_value = "127.0.0.1")]
         client_ip: IpAddr,
     },
+    /// Before merging a rules change: how many divergences on record (of a running ficus) its
+    /// compare settings would no longer report, per route and group.
+    Impact {
+        /// The candidate rules: a TOML file or a directory of *.toml files.
+        path: PathBuf,
+        #[command(flatten)]
+        admin: client::AdminArgs,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -321,6 +332,9 @@ fn main() -> ExitCode {
             headers,
             client_ip,
         }) => explain(&path, &method, &url, &headers, client_ip),
+        Command::Rules(RulesCommand::Impact { path, admin, json }) => {
+            runtime().and_then(|rt| rt.block_on(client::impact(&admin, &path, json)))
+        }
         Command::Demo(args) => demo(args),
         Command::Divergences { admin, command } => {
             runtime().and_then(|rt| rt.block_on(client::divergences(&admin, command)))

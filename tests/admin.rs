@@ -681,3 +681,82 @@ async fn a_group_replays_a_bounded_sample() {
     assert_eq!(answer["matched"], 0, "the backends still disagree");
     assert_eq!(answer["results"][0]["match"], false);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impact_shows_what_a_compare_change_would_hide() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let candidate = r#"
+[[route]]
+name = "orders"
+[route.match]
+path_prefix = "/api/orders/"
+[route.shadow]
+[route.compare]
+ignore = ["/total"]
+
+[[route]]
+name = "users"
+[route.match]
+path_prefix = "/api/users/"
+[route.shadow]
+"#;
+    let answer: Value = client()
+        .post(proxy.admin_url("/api/rules/impact"))
+        .json(&json!({"files": {"candidate.toml": candidate}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let route = |name: &str| {
+        answer["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        route("orders")["totals"],
+        json!({"would_match": 3, "would_remain": 0, "unknown": 0}),
+        "{answer}"
+    );
+    assert_eq!(
+        route("users")["totals"],
+        json!({"would_match": 0, "would_remain": 2, "unknown": 0})
+    );
+    assert_eq!(route("orders")["groups"][0]["would_match"], 3);
+
+    let bad = client()
+        .post(proxy.admin_url("/api/rules/impact"))
+        .json(&json!({"files": {"c.toml": "[[route]]\nname = 1\n"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+
+    // The same through the CLI, from a file.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("candidate.toml"), candidate).unwrap();
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let path = dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
+            .args(["rules", "impact"])
+            .arg(&path)
+            .args(["--admin", &admin])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("orders")
+            && l.split_whitespace().collect::<Vec<_>>() == ["orders", "3", "3", "0", "0"]),
+        "{text}"
+    );
+}

@@ -56,6 +56,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/report", get(report))
         .route("/api/rules", get(rules))
         .route("/api/rules/reload", post(reload))
+        .route("/api/rules/impact", post(impact))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz))
@@ -846,6 +847,129 @@ async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
         "sources": rules.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "loaded_at": humantime::format_rfc3339_millis(rules.loaded_at).to_string(),
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImpactRequest {
+    /// Candidate rules files: name -> TOML text.
+    files: std::collections::BTreeMap<String, String>,
+}
+
+/// A stored response, rebuilt for comparison; `None` when the record lacks what a faithful
+/// comparison needs (a body cut at the limit, or not text).
+fn stored_response(
+    r: &crate::record::RecordedResponse,
+) -> Option<(u16, http::HeaderMap, bytes::Bytes)> {
+    if r.body.body_truncated || (r.body.body.is_none() && r.body.body_len > 0) {
+        return None;
+    }
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &r.headers {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            headers.append(k, v);
+        }
+    }
+    Some((
+        r.status,
+        headers,
+        bytes::Bytes::from(r.body.body.clone().unwrap_or_default()),
+    ))
+}
+
+/// What a rules change would do to the divergences on record: the stored answers are
+/// compared again with the candidate `compare` rules, per route and per group.
+async fn impact(
+    State(state): State<Arc<AdminState>>,
+    body: Result<Json<ImpactRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(req)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "send {\"files\": {\"name.toml\": \"...rules...\"}}",
+        );
+    };
+    let sources = req
+        .files
+        .into_iter()
+        .map(|(name, text)| (std::path::PathBuf::from(name), text))
+        .collect();
+    let candidate = match crate::rules::load_sources(sources, &|name| std::env::var(name).ok()) {
+        Ok(loaded) => loaded.rules,
+        Err(errors) => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({
+                    "error": "invalid_rules",
+                    "message": "the candidate rules are invalid",
+                    "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })),
+            )
+                .into_response();
+        }
+    };
+    let mut routes = Vec::new();
+    for route in &candidate.routes {
+        let comparator = crate::compare::CompareSpec::compile(&route.compare).unwrap_or_default();
+        let filter = Filter {
+            route: Some(route.name.to_string()),
+            ..Filter::default()
+        };
+        let (records, truncated) = match scan(&*state.store, filter).await {
+            Ok(r) => r,
+            Err(e) => return store_error(&e),
+        };
+        if records.is_empty() {
+            continue;
+        }
+        let mut groups: std::collections::BTreeMap<String, [u64; 3]> = Default::default();
+        let mut totals = [0u64; 3];
+        for r in &records {
+            // Redacted values read the same on both sides: such records cannot be judged.
+            let redacted =
+                serde_json::to_string(&r.diffs).is_ok_and(|t| t.contains(crate::compare::REDACTED));
+            let outcome = match (stored_response(&r.legacy), stored_response(&r.new)) {
+                (Some(l), Some(n)) if !redacted => {
+                    let legacy = crate::compare::Response {
+                        status: l.0,
+                        headers: &l.1,
+                        body: &l.2,
+                    };
+                    let new = crate::compare::Response {
+                        status: n.0,
+                        headers: &n.1,
+                        body: &n.2,
+                    };
+                    if comparator.compare(&legacy, &new).is_match() {
+                        0
+                    } else {
+                        1
+                    }
+                }
+                _ => 2,
+            };
+            totals[outcome] += 1;
+            groups.entry(r.fingerprint.clone()).or_default()[outcome] += 1;
+        }
+        let figures =
+            |c: &[u64; 3]| json!({"would_match": c[0], "would_remain": c[1], "unknown": c[2]});
+        routes.push(json!({
+            "route": &*route.name,
+            "records": records.len(),
+            "truncated": truncated,
+            "totals": figures(&totals),
+            "groups": groups.iter().map(|(fp, c)| {
+                let mut g = figures(c);
+                g["fingerprint"] = json!(fp);
+                g
+            }).collect::<Vec<_>>(),
+        }));
+    }
+    Json(json!({ "routes": routes })).into_response()
 }
 
 async fn reload(State(state): State<Arc<AdminState>>) -> Response {
