@@ -239,6 +239,24 @@ impl Ficus {
             reload: reload_now,
             metrics: metrics.clone(),
         });
+        {
+            // Fleet-wide overrides live in the store; every replica syncs them each second.
+            let (proxy, store, mut stop) =
+                (proxy.clone(), writer.store().clone(), shutdown_rx.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {
+                            if let Err(e) = proxy.sync_overrides(&*store).await {
+                                tracing::debug!(error = %e, "cannot read overrides from the store");
+                            }
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
         if let Some(handle) = metrics {
             // The exporter drains histograms only when asked to.
             let mut stop = shutdown_rx.clone();

@@ -760,3 +760,130 @@ path_prefix = "/api/users/"
         "{text}"
     );
 }
+
+/// The 3 a.m. rollback: one call flips a route on every replica sharing the store, until it is
+/// lifted or expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_flips_a_route_on_every_replica() {
+    let redis = support::RedisServer::start().await;
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = "[[route]]\nname = \"orders\"\nauthority = \"new\"\n[route.match]\npath_prefix = \"/api/\"\n";
+    let url = redis.url();
+    let a = TestProxy::start_with(rules, legacy.url(), new.url(), |c| c.store = url.clone()).await;
+    let b = TestProxy::start_with(rules, legacy.url(), new.url(), |c| c.store = url.clone()).await;
+    let c = client();
+    let side = |p: &TestProxy| {
+        let url = p.url("/api/x");
+        let c = c.clone();
+        async move { support::backend_of(&c.get(url).send().await.unwrap()) }
+    };
+    assert_eq!(side(&b).await, "new");
+
+    let resp = c
+        .post(a.admin_url("/api/routes/orders/override"))
+        .json(&json!({"authority": "legacy", "ttl": "1h", "reason": "new side returns 500s"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        side(&a).await,
+        "legacy",
+        "at once on the replica that took the call"
+    );
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            side(&b).await == "legacy"
+        })
+        .await,
+        "the other replica follows through the store"
+    );
+    let rules_now: Value = c
+        .get(b.admin_url("/api/rules"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rules_now["overrides"][0]["reason"], "new side returns 500s");
+    let report: Value = c
+        .get(b.admin_url("/api/report"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["routes"][0]["override"]["authority"], "legacy");
+    let metrics = c
+        .get(b.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"ficus_route_override{route="orders"} 1"#),
+        "{metrics}"
+    );
+
+    let lifted = c
+        .delete(b.admin_url("/api/routes/orders/override"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lifted.status(), 200);
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            side(&a).await == "new"
+        })
+        .await
+    );
+
+    // Overrides expire by themselves.
+    c.post(a.admin_url("/api/routes/orders/override"))
+        .json(&json!({"authority": "legacy", "ttl": "1s", "reason": "short"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(side(&a).await, "legacy");
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            side(&a).await == "new"
+        })
+        .await
+    );
+
+    for (body, status) in [
+        (
+            json!({"authority": "both", "ttl": "1h", "reason": "x"}),
+            400,
+        ),
+        (
+            json!({"authority": "legacy", "ttl": "30d", "reason": "x"}),
+            400,
+        ),
+        (
+            json!({"authority": "legacy", "ttl": "1h", "reason": " "}),
+            400,
+        ),
+    ] {
+        let resp = c
+            .post(a.admin_url("/api/routes/orders/override"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{body}");
+    }
+    let resp = c
+        .post(a.admin_url("/api/routes/nosuch/override"))
+        .json(&json!({"authority": "legacy", "ttl": "1h", "reason": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}

@@ -53,6 +53,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
             axum::routing::patch(patch_group),
         )
         .route("/api/groups/{fingerprint}/replay", post(replay_group))
+        .route(
+            "/api/routes/{name}/override",
+            post(set_override).delete(lift_override),
+        )
         .route("/api/report", get(report))
         .route("/api/rules", get(rules))
         .route("/api/rules/reload", post(reload))
@@ -561,6 +565,11 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
                 "new": {"p50": stats.latency_ms.new.0, "p99": stats.latency_ms.new.1},
             },
             "error_rate": {"legacy": stats.error_rate.legacy, "new": stats.error_rate.new},
+            "override": state.proxy.overrides().get(&*route.name).map(|o| json!({
+                "authority": o.authority.map(|a| a.as_str()),
+                "shadow": o.shadow,
+                "until_ms": o.until_ms,
+            })),
             "verdict": verdict.verdict,
             "reasons": verdict.reasons,
         }));
@@ -842,11 +851,123 @@ async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
             })
         })
         .collect();
+    let overrides: Vec<Value> = state
+        .store
+        .overrides()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| o.until_ms > crate::store::writer::now_ms())
+        .map(|o| json!(o))
+        .collect();
     Json(json!({
         "routes": routes,
+        "overrides": overrides,
         "sources": rules.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "loaded_at": humantime::format_rfc3339_millis(rules.loaded_at).to_string(),
     }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverrideRequest {
+    authority: Option<String>,
+    shadow: Option<bool>,
+    ttl: String,
+    reason: String,
+}
+
+/// Longest an override may last: it is an emergency measure, not a rules change.
+const MAX_OVERRIDE_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Flips a route on every replica sharing the store, until the TTL runs out or it is lifted.
+async fn set_override(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+    body: Result<Json<OverrideRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(req)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "send {\"authority\": \"legacy\"|\"new\", \"shadow\": false?, \"ttl\": \"1h\", \"reason\": \"...\"}",
+        );
+    };
+    if state.proxy.live().rules.route_by_name(&name).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route `{name}` in the rules"),
+        );
+    }
+    if !matches!(req.authority.as_deref(), None | Some("legacy" | "new")) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_authority",
+            "authority is \"legacy\" or \"new\"",
+        );
+    }
+    if req.authority.is_none() && req.shadow.is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "override the authority, the shadow, or both",
+        );
+    }
+    if req.reason.trim().is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "say why: `reason` is required",
+        );
+    }
+    let ttl = match humantime::parse_duration(&req.ttl) {
+        Ok(d) if !d.is_zero() && d <= MAX_OVERRIDE_TTL => d,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_ttl",
+                "ttl is a duration such as \"1h\", at most 7 days",
+            );
+        }
+    };
+    let o = crate::store::Override {
+        route: name.clone(),
+        authority: req.authority,
+        shadow: req.shadow,
+        until_ms: crate::store::writer::now_ms()
+            + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        reason: req.reason,
+        who: who.0,
+        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+    };
+    if let Err(e) = state.store.put_override(&o).await {
+        return store_error(&e);
+    }
+    tracing::warn!(route = %name, who = %o.who, reason = %o.reason, authority = ?o.authority, shadow = ?o.shadow, ttl = %req.ttl, "emergency override set");
+    let _ = state.proxy.sync_overrides(&*state.store).await;
+    Json(json!(o)).into_response()
+}
+
+async fn lift_override(
+    State(state): State<Arc<AdminState>>,
+    Extension(who): Extension<Who>,
+    Path(name): Path<String>,
+) -> Response {
+    match state.store.delete_override(&name).await {
+        Ok(true) => {
+            tracing::warn!(route = %name, who = %who.0, "emergency override lifted");
+            let _ = state.proxy.sync_overrides(&*state.store).await;
+            Json(json!({"route": name, "lifted": true})).into_response()
+        }
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no override on `{name}`"),
+        ),
+        Err(e) => store_error(&e),
+    }
 }
 
 #[derive(Deserialize)]

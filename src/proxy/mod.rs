@@ -55,9 +55,19 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
+/// A fleet-wide emergency override in force on this replica.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouteOverride {
+    pub authority: Option<Side>,
+    pub shadow: Option<bool>,
+    pub until_ms: u64,
+}
+
 /// Shared proxy state. Requests read the live snapshot once; reloads publish a new one.
 pub struct Proxy {
     live: ArcSwap<Live>,
+    /// Overrides by route name, synced from the store every second.
+    overrides: ArcSwap<std::collections::HashMap<Arc<str>, RouteOverride>>,
     clients: Arc<ClientCache>,
     defaults: Defaults,
     shadow: Arc<Shadower>,
@@ -73,6 +83,7 @@ impl Proxy {
         let upstreams = clients.upstreams(&rules.upstreams, &defaults);
         Proxy {
             live: ArcSwap::from_pointee(Live::new(rules, upstreams)),
+            overrides: ArcSwap::default(),
             clients,
             defaults,
             shadow,
@@ -93,6 +104,55 @@ impl Proxy {
         self.live.load_full()
     }
 
+    /// The overrides this replica applies now.
+    pub fn overrides(&self) -> Arc<std::collections::HashMap<Arc<str>, RouteOverride>> {
+        self.overrides.load_full()
+    }
+
+    /// Reads the overrides from the store and applies the unexpired ones.
+    pub async fn sync_overrides(
+        &self,
+        store: &dyn crate::store::Store,
+    ) -> Result<(), crate::store::StoreError> {
+        let now = crate::store::writer::now_ms();
+        let stored = store.overrides().await?;
+        let map: std::collections::HashMap<Arc<str>, RouteOverride> = stored
+            .into_iter()
+            .filter(|o| o.until_ms > now)
+            .map(|o| {
+                let authority = match o.authority.as_deref() {
+                    Some("legacy") => Some(Side::Legacy),
+                    Some("new") => Some(Side::New),
+                    _ => None,
+                };
+                (
+                    Arc::from(o.route.as_str()),
+                    RouteOverride {
+                        authority,
+                        shadow: o.shadow,
+                        until_ms: o.until_ms,
+                    },
+                )
+            })
+            .collect();
+        let old = self.overrides.load_full();
+        if *old != map {
+            for route in old.keys().filter(|r| !map.contains_key(*r)) {
+                ::metrics::gauge!(crate::telemetry::ROUTE_OVERRIDE, "route" => route.clone())
+                    .set(0.0);
+            }
+            for route in map.keys() {
+                ::metrics::gauge!(crate::telemetry::ROUTE_OVERRIDE, "route" => route.clone())
+                    .set(1.0);
+            }
+            if !map.is_empty() {
+                tracing::warn!(routes = ?map.keys().collect::<Vec<_>>(), "emergency overrides in force");
+            }
+            self.overrides.store(Arc::new(map));
+        }
+        Ok(())
+    }
+
     /// Handles one exchange. Never fails: every error becomes a response.
     pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let start = Instant::now();
@@ -101,13 +161,27 @@ impl Proxy {
         let trace_id = headers::ensure_traceparent(req.headers_mut());
         let upgrade = headers::is_upgrade_request(&req);
         let head = RequestHead::from_request(&req, conn.peer.ip());
-        let decision = route::find(&live.rules, &head);
+        let mut decision = route::find(&live.rules, &head);
+        // An emergency override beats the rules (and the canary) until it expires.
+        let mut shadow_off = false;
+        let overrides = self.overrides.load();
+        if !overrides.is_empty()
+            && let Some(o) = overrides.get(&*decision.route.name)
+            && o.until_ms > crate::store::writer::now_ms()
+        {
+            if let Some(side) = o.authority {
+                decision.authority = side;
+                decision.canaried = false;
+            }
+            shadow_off = o.shadow == Some(false);
+        }
+        drop(overrides);
         let route = decision.route;
         let side = decision.authority;
         let upstream = &live.upstreams[decision.authority_upstream()];
         // Shadowing is decided up front and never waited on.
         let admission = match (&route.shadow, &route.comparator) {
-            (Some(_), Some(_)) => Some(self.shadow.admit(route, &head, upgrade)),
+            (Some(_), Some(_)) if !shadow_off => Some(self.shadow.admit(route, &head, upgrade)),
             _ => None,
         };
         let method = req.method().clone();

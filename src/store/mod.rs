@@ -112,6 +112,23 @@ pub struct Retention {
     pub per_route_cap: usize,
 }
 
+/// A fleet-wide emergency override of a route, kept in the store so that every replica
+/// applies it (and one that starts later too).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Override {
+    pub route: String,
+    /// `"legacy"` or `"new"`: who answers, whatever the rules say.
+    pub authority: Option<String>,
+    /// `Some(false)` stops shadowing on the route.
+    pub shadow: Option<bool>,
+    /// Unix ms after which the override no longer applies.
+    pub until_ms: u64,
+    pub reason: String,
+    pub who: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
 /// The storage interface. Writes are idempotent by record id: delivering a record twice
 /// (after a crash, from the spool) stores it once.
 pub trait Store: Send + Sync {
@@ -135,6 +152,12 @@ pub trait Store: Send + Sync {
     ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>>;
     /// Deletes records past retention; returns how many went.
     fn expire(&self, retention: Retention, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// Sets (or replaces) the override of a route.
+    fn put_override<'a>(&'a self, o: &'a Override) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Lifts the override of a route; whether there was one.
+    fn delete_override<'a>(&'a self, route: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Every override stored (expired ones included; callers check `until_ms`).
+    fn overrides(&self) -> BoxFuture<'_, Result<Vec<Override>, StoreError>>;
     /// Cheap reachability check.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }

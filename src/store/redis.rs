@@ -5,6 +5,7 @@
 //!   `{p}idx:fp:{fingerprint}`: sorted sets of ids, all scores 0, so members sort by id; ids
 //!   are UUIDv7, so that is time order and time ranges are lexicographic ranges.
 //! - `{p}routes`: the set of routes seen.
+//! - `{p}overrides`: hash of route -> emergency override (JSON).
 //! - `{p}cnt:{route}`: hash of total `comparisons` and `divergences`;
 //!   `{p}cnt:{route}:{hour}`: the same per Unix hour, expiring after 400 days.
 //!
@@ -15,7 +16,7 @@
 use redis::aio::ConnectionLike;
 use redis::{AsyncCommands, Script};
 
-use super::{BoxFuture, CountDelta, Counts, Filter, Page, Retention, Store, StoreError};
+use super::{BoxFuture, CountDelta, Counts, Filter, Override, Page, Retention, Store, StoreError};
 use crate::record::{Record, State};
 
 /// Hour counters outlive records by far: they are the evidence for readiness.
@@ -467,6 +468,35 @@ impl Store for RedisStore {
                 }
             }
             Ok(gone)
+        })
+    }
+
+    fn put_override<'a>(&'a self, o: &'a Override) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let json = serde_json::to_string(o).unwrap_or_default();
+            let _: i64 =
+                with_conn!(self, c => c.hset(self.key(&["overrides"]), &o.route, json).await?);
+            Ok(())
+        })
+    }
+
+    fn delete_override<'a>(&'a self, route: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let n: i64 = with_conn!(self, c => c.hdel(self.key(&["overrides"]), route).await?);
+            Ok(n > 0)
+        })
+    }
+
+    fn overrides(&self) -> BoxFuture<'_, Result<Vec<Override>, StoreError>> {
+        Box::pin(async move {
+            let all: std::collections::HashMap<String, String> =
+                with_conn!(self, c => c.hgetall(self.key(&["overrides"])).await?);
+            all.into_iter()
+                .map(|(route, json)| {
+                    serde_json::from_str(&json)
+                        .map_err(|source| StoreError::Corrupt { id: route, source })
+                })
+                .collect()
         })
     }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{BoxFuture, CountDelta, Counts, Filter, Page, Retention, Store, StoreError};
+use super::{BoxFuture, CountDelta, Counts, Filter, Override, Page, Retention, Store, StoreError};
 use crate::record::Record;
 
 pub struct SqliteStore {
@@ -26,6 +26,10 @@ CREATE INDEX IF NOT EXISTS records_route ON records (route, id);
 CREATE INDEX IF NOT EXISTS records_state ON records (state, id);
 CREATE INDEX IF NOT EXISTS records_fingerprint ON records (fingerprint, id);
 CREATE INDEX IF NOT EXISTS records_at ON records (at_ms);
+CREATE TABLE IF NOT EXISTS overrides (
+    route TEXT PRIMARY KEY,
+    json  TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counts (
     route       TEXT NOT NULL,
     hour        INTEGER NOT NULL,
@@ -288,6 +292,46 @@ impl Store for SqliteStore {
                 [retention.per_route_cap as i64],
             )? as u64;
             Ok(gone)
+        })
+    }
+
+    fn put_override<'a>(&'a self, o: &'a Override) -> BoxFuture<'a, Result<(), StoreError>> {
+        let (route, json) = (
+            o.route.clone(),
+            serde_json::to_string(o).unwrap_or_default(),
+        );
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO overrides (route, json) VALUES (?1, ?2)
+                 ON CONFLICT (route) DO UPDATE SET json = excluded.json",
+                params![route, json],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_override<'a>(&'a self, route: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let route = route.to_string();
+        self.with(move |conn| {
+            Ok(conn.execute("DELETE FROM overrides WHERE route = ?1", [route])? > 0)
+        })
+    }
+
+    fn overrides(&self) -> BoxFuture<'_, Result<Vec<Override>, StoreError>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT route, json FROM overrides")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (route, json) = row?;
+                out.push(
+                    serde_json::from_str(&json)
+                        .map_err(|source| StoreError::Corrupt { id: route, source })?,
+                );
+            }
+            Ok(out)
         })
     }
 

@@ -82,4 +82,8 @@ fn describe() {
     );
     describe_gauge!(SHADOW_INFLIGHT, "Shadow exchanges running now.");
     describe_gauge!(BUILD_INFO, "Always 1; the version is a label.");
+    describe_gauge!(
+        ROUTE_OVERRIDE,
+        "1 while an emergency override is in force on a route."
+    );
 }

@@ -26,6 +26,8 @@ pub const STORE_QUEUE_DEPTH: &str = "ficus_store_queue_depth";
 pub const STORE_SPOOLED_RECORDS: &str = "ficus_store_spooled_records";
 /// `ficus_shadow_inflight`.
 pub const SHADOW_INFLIGHT: &str = "ficus_shadow_inflight";
+/// `ficus_route_override{route}`: 1 while an emergency override is in force.
+pub const ROUTE_OVERRIDE: &str = "ficus_route_override";
 /// `ficus_build_info{version}`.
 pub const BUILD_INFO: &str = "ficus_build_info";
 /// Distinct divergent-field paths counted per route before the rest go to `_other`.
