@@ -547,3 +547,72 @@ pub async fn impact(admin: &AdminArgs, path: &std::path::Path, json: bool) -> Re
     );
     Ok(())
 }
+
+#[derive(Subcommand)]
+pub enum RoutesCommand {
+    /// Emergency override on every replica: who answers (and/or no shadow), for a while.
+    Override {
+        name: String,
+        /// legacy or new.
+        #[arg(long)]
+        authority: Option<String>,
+        /// Stop shadowing on the route.
+        #[arg(long)]
+        no_shadow: bool,
+        /// How long, e.g. 1h (at most 7 days).
+        #[arg(long)]
+        ttl: String,
+        /// Why: kept with the override and logged.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Lift the override of a route.
+    Release { name: String },
+}
+
+pub async fn routes(admin: &AdminArgs, cmd: RoutesCommand) -> Result<()> {
+    match cmd {
+        RoutesCommand::Override {
+            name,
+            authority,
+            no_shadow,
+            ttl,
+            reason,
+        } => {
+            let mut body = json!({"ttl": ttl, "reason": reason});
+            if let Some(a) = authority {
+                body["authority"] = json!(a);
+            }
+            if no_shadow {
+                body["shadow"] = json!(false);
+            }
+            let o = call_ok(
+                admin,
+                Method::POST,
+                &format!("/api/routes/{name}/override"),
+                Some(body),
+            )
+            .await?;
+            println!(
+                "{name}: override in force (authority {}, shadow {}) for {ttl}",
+                text(&o["authority"]),
+                if o["shadow"] == false {
+                    "off"
+                } else {
+                    "as in the rules"
+                }
+            );
+        }
+        RoutesCommand::Release { name } => {
+            call_ok(
+                admin,
+                Method::DELETE,
+                &format!("/api/routes/{name}/override"),
+                None,
+            )
+            .await?;
+            println!("{name}: override lifted; the rules apply again");
+        }
+    }
+    Ok(())
+}

@@ -67,6 +67,13 @@ enum Command {
         #[command(subcommand)]
         command: client::GroupsCommand,
     },
+    /// Emergency overrides of routes on a running fleet.
+    Routes {
+        #[command(flatten)]
+        admin: client::AdminArgs,
+        #[command(subcommand)]
+        command: client::RoutesCommand,
+    },
     /// The readiness report of a running ficus: a verdict per route.
     Report {
         #[command(flatten)]
@@ -315,6 +322,7 @@ fn main() -> ExitCode {
         Command::Rules(_)
         | Command::Divergences { .. }
         | Command::Groups { .. }
+        | Command::Routes { .. }
         | Command::Report { .. } => "warn",
         _ => cli.log.as_str(),
     };
@@ -338,6 +346,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo(args),
         Command::Divergences { admin, command } => {
             runtime().and_then(|rt| rt.block_on(client::divergences(&admin, command)))
+        }
+        Command::Routes { admin, command } => {
+            runtime().and_then(|rt| rt.block_on(client::routes(&admin, command)))
         }
         Command::Groups { admin, command } => {
             runtime().and_then(|rt| rt.block_on(client::groups(&admin, command)))

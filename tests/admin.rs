@@ -583,6 +583,23 @@ async fn the_cli_wraps_the_api() {
     assert_eq!(code, 1);
     assert!(err.contains("not in the rules"), "{err}");
 
+    // The emergency override from the shell.
+    let (code, out, err) = run(args(
+        "routes override orders --authority legacy --no-shadow --ttl 1h --reason on-call",
+    ))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("override in force (authority legacy, shadow off)"),
+        "{out}"
+    );
+    let (code, out, _) = run(args("routes release orders")).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("lifted"), "{out}");
+    let (code, _, err) = run(args("routes release orders")).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+
     // A wrong token is a clear error, not a crash.
     let (code, _, err) = tokio::task::spawn_blocking({
         let admin = format!("http://{}", proxy.ficus.admin_addr());
@@ -886,4 +903,62 @@ async fn an_override_flips_a_route_on_every_replica() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
+}
+
+/// Pagination is by id (time order), so records written between pages neither repeat nor push
+/// older ones out of the walk.
+#[tokio::test]
+async fn pagination_is_stable_while_records_arrive() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let c = client();
+    let page = |cursor: Option<String>| {
+        let c = c.clone();
+        let url = proxy.admin_url(&format!(
+            "/api/divergences?limit=2{}",
+            cursor.map(|x| format!("&cursor={x}")).unwrap_or_default()
+        ));
+        async move {
+            c.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let first = page(None).await;
+    let mut seen: Vec<String> = first["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    // New records arrive between the pages.
+    for i in 0..4 {
+        c.get(proxy.url(&format!("/api/orders/new-{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(proxy.wait_records(9).await.len(), 9);
+    let mut cursor = first["next"].as_str().map(str::to_string);
+    while let Some(cur) = cursor {
+        let p = page(Some(cur)).await;
+        seen.extend(
+            p["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_string()),
+        );
+        cursor = p["next"].as_str().map(str::to_string);
+    }
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no record twice");
+    assert_eq!(
+        seen.len(),
+        5,
+        "exactly the five records older than the first page's start"
+    );
 }
