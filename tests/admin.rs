@@ -962,3 +962,40 @@ async fn pagination_is_stable_while_records_arrive() {
         "exactly the five records older than the first page's start"
     );
 }
+
+/// The OpenAPI document is served, and names every route the admin router has.
+#[tokio::test]
+async fn openapi_document_covers_the_api() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let doc: Value = client()
+        .get(proxy.admin_url("/api/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    let source = include_str!("../src/admin/mod.rs");
+    let mut routes = 0;
+    for line in source.lines() {
+        let line = line.trim();
+        let Some(rest) = line
+            .strip_prefix(".route(\"")
+            .or_else(|| line.strip_prefix('"').filter(|r| r.starts_with('/')))
+        else {
+            continue;
+        };
+        let Some(path) = rest.split('"').next() else {
+            continue;
+        };
+        if path.starts_with('/') {
+            routes += 1;
+            assert!(
+                doc["paths"][path].is_object(),
+                "{path} is not in docs/openapi.json"
+            );
+        }
+    }
+    assert!(routes >= 15, "found {routes} routes in the router");
+}

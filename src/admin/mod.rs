@@ -57,6 +57,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/api/routes/{name}/override",
             post(set_override).delete(lift_override),
         )
+        .route("/api/openapi.json", get(openapi))
         .route("/api/report", get(report))
         .route("/api/rules", get(rules))
         .route("/api/rules/reload", post(reload))
@@ -140,6 +141,15 @@ async fn metrics_text(State(state): State<Arc<AdminState>>) -> Response {
             "another metrics recorder is installed in this process",
         ),
     }
+}
+
+/// The API's OpenAPI 3 description, kept in `docs/openapi.json`.
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../../docs/openapi.json"),
+    )
+        .into_response()
 }
 
 async fn healthz() -> Json<Value> {
