@@ -185,6 +185,22 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// ANSI color, only when stdout is a terminal (never in pipes, files or CI logs).
+fn paint(text: &str, color: &str) -> String {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+        let code = match color {
+            "green" => "32",
+            "red" => "31",
+            "yellow" => "33",
+            _ => return text.to_string(),
+        };
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
+    }
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -308,7 +324,12 @@ pub async fn divergences(admin: &AdminArgs, cmd: DivergencesCommand) -> Result<(
             }
             println!("differences:");
             for d in r["diffs"].as_array().into_iter().flatten() {
-                println!("  {}", diff_line(d));
+                let color = match d["op"].as_str() {
+                    Some("add") => "green",
+                    Some("remove") => "red",
+                    _ => "yellow",
+                };
+                println!("  {}", paint(&diff_line(d), color));
             }
             if let Some(note) = r["note"].as_str() {
                 println!("note: {note}");

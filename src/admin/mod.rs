@@ -58,6 +58,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             post(set_override).delete(lift_override),
         )
         .route("/api/openapi.json", get(openapi))
+        .route("/api/audit", get(audit))
         .route("/api/report", get(report))
         .route("/api/rules", get(rules))
         .route("/api/rules/reload", post(reload))
@@ -140,6 +141,34 @@ async fn metrics_text(State(state): State<Arc<AdminState>>) -> Response {
             "metrics_unavailable",
             "another metrics recorder is installed in this process",
         ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+/// The audit log of overrides, newest first.
+async fn audit(
+    State(state): State<Arc<AdminState>>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "known parameter: limit",
+        );
+    };
+    match state
+        .store
+        .audit(q.limit.unwrap_or(100).clamp(1, 1000))
+        .await
+    {
+        Ok(items) => Json(json!({ "items": items })).into_response(),
+        Err(e) => store_error(&e),
     }
 }
 
@@ -956,6 +985,11 @@ async fn set_override(
         return store_error(&e);
     }
     tracing::warn!(route = %name, who = %o.who, reason = %o.reason, authority = ?o.authority, shadow = ?o.shadow, ttl = %req.ttl, "emergency override set");
+    let entry = json!({"event": "override_set", "route": name, "who": o.who, "at": o.at, "reason": o.reason,
+        "authority": o.authority, "shadow": o.shadow, "ttl": req.ttl});
+    if let Err(e) = state.store.append_audit(&entry).await {
+        tracing::warn!(error = %e, "cannot write the audit log");
+    }
     let _ = state.proxy.sync_overrides(&*state.store).await;
     Json(json!(o)).into_response()
 }
@@ -968,6 +1002,11 @@ async fn lift_override(
     match state.store.delete_override(&name).await {
         Ok(true) => {
             tracing::warn!(route = %name, who = %who.0, "emergency override lifted");
+            let entry = json!({"event": "override_lifted", "route": name, "who": who.0,
+                "at": humantime::format_rfc3339_millis(SystemTime::now()).to_string()});
+            if let Err(e) = state.store.append_audit(&entry).await {
+                tracing::warn!(error = %e, "cannot write the audit log");
+            }
             let _ = state.proxy.sync_overrides(&*state.store).await;
             Json(json!({"route": name, "lifted": true})).into_response()
         }

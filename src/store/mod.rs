@@ -158,6 +158,13 @@ pub trait Store: Send + Sync {
     fn delete_override<'a>(&'a self, route: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Every override stored (expired ones included; callers check `until_ms`).
     fn overrides(&self) -> BoxFuture<'_, Result<Vec<Override>, StoreError>>;
+    /// Appends an entry to the audit log (override set or lifted: who, when, why).
+    fn append_audit<'a>(
+        &'a self,
+        entry: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The newest audit entries, newest first (the log keeps the last 10,000).
+    fn audit(&self, limit: usize) -> BoxFuture<'_, Result<Vec<serde_json::Value>, StoreError>>;
     /// Cheap reachability check.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
@@ -182,6 +189,9 @@ pub async fn open(url: &str, prefix: &str) -> Result<Arc<dyn Store>, StoreError>
                 .into(),
     })
 }
+
+/// Audit entries kept.
+pub const AUDIT_KEPT: usize = 10_000;
 
 /// The Unix hour of a Unix ms time.
 pub fn hour_of(ms: u64) -> u64 {

@@ -6,6 +6,7 @@
 //!   are UUIDv7, so that is time order and time ranges are lexicographic ranges.
 //! - `{p}routes`: the set of routes seen.
 //! - `{p}overrides`: hash of route -> emergency override (JSON).
+//! - `{p}audit`: list of audit entries, newest first, the last 10,000.
 //! - `{p}cnt:{route}`: hash of total `comparisons` and `divergences`;
 //!   `{p}cnt:{route}:{hour}`: the same per Unix hour, expiring after 400 days.
 //!
@@ -497,6 +498,32 @@ impl Store for RedisStore {
                         .map_err(|source| StoreError::Corrupt { id: route, source })
                 })
                 .collect()
+        })
+    }
+
+    fn append_audit<'a>(
+        &'a self,
+        entry: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = self.key(&["audit"]);
+            let mut pipe = redis::pipe();
+            pipe.lpush(&key, entry.to_string()).ignore();
+            pipe.ltrim(&key, 0, super::AUDIT_KEPT as isize - 1).ignore();
+            let () = with_conn!(self, c => pipe.query_async(&mut c).await?);
+            Ok(())
+        })
+    }
+
+    fn audit(&self, limit: usize) -> BoxFuture<'_, Result<Vec<serde_json::Value>, StoreError>> {
+        Box::pin(async move {
+            let entries: Vec<String> = with_conn!(self, c => c
+                .lrange(self.key(&["audit"]), 0, limit.max(1) as isize - 1)
+                .await?);
+            Ok(entries
+                .iter()
+                .map(|e| serde_json::from_str(e).unwrap_or(serde_json::Value::Null))
+                .collect())
         })
     }
 

@@ -26,6 +26,10 @@ CREATE INDEX IF NOT EXISTS records_route ON records (route, id);
 CREATE INDEX IF NOT EXISTS records_state ON records (state, id);
 CREATE INDEX IF NOT EXISTS records_fingerprint ON records (fingerprint, id);
 CREATE INDEX IF NOT EXISTS records_at ON records (at_ms);
+CREATE TABLE IF NOT EXISTS audit (
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+    json TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS overrides (
     route TEXT PRIMARY KEY,
     json  TEXT NOT NULL
@@ -330,6 +334,34 @@ impl Store for SqliteStore {
                     serde_json::from_str(&json)
                         .map_err(|source| StoreError::Corrupt { id: route, source })?,
                 );
+            }
+            Ok(out)
+        })
+    }
+
+    fn append_audit<'a>(
+        &'a self,
+        entry: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let json = entry.to_string();
+        self.with(move |conn| {
+            conn.execute("INSERT INTO audit (json) VALUES (?1)", [json])?;
+            conn.execute(
+                "DELETE FROM audit WHERE seq <= (SELECT MAX(seq) FROM audit) - ?1",
+                [super::AUDIT_KEPT as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn audit(&self, limit: usize) -> BoxFuture<'_, Result<Vec<serde_json::Value>, StoreError>> {
+        self.with(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT json FROM audit ORDER BY seq DESC LIMIT ?1")?;
+            let rows = stmt.query_map([limit as i64], |row| row.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(serde_json::from_str(&row?).unwrap_or(serde_json::Value::Null));
             }
             Ok(out)
         })
