@@ -209,6 +209,18 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// The first 400 characters of a body, on one line.
+fn excerpt(body: &str) -> String {
+    let flat: String = body
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match flat.char_indices().nth(400) {
+        Some((cut, _)) => format!("{}...", &flat[..cut]),
+        None => flat,
+    }
+}
+
 fn diff_line(d: &Value) -> String {
     match d["in"].as_str() {
         Some("status") => format!("status {} -> {}", d["old"], d["value"]),
