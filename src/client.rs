@@ -328,11 +328,17 @@ pub async fn divergences(admin: &AdminArgs, cmd: DivergencesCommand) -> Result<(
                 text(&r["class"]),
                 text(&r["at"])
             );
+            if let Some(body) = req["body"].as_str().filter(|b| !b.is_empty()) {
+                println!("request body: {}", excerpt(body));
+            }
             for side in ["legacy", "new"] {
                 println!(
                     "{side:<6} {} in {} ms",
                     r[side]["status"], r[side]["latency_ms"]
                 );
+                if let Some(body) = r[side]["body"].as_str() {
+                    println!("       {}", excerpt(body));
+                }
             }
             println!("differences:");
             for d in r["diffs"].as_array().into_iter().flatten() {
