@@ -123,7 +123,8 @@ async fn metrics_expose_traffic_shadow_outcomes_and_divergences() {
         r#"ficus_upstream_duration_seconds_count{route="m-orders",side="new"}"#,
         3.0,
     );
-    expect(r#"ficus_shadow_inflight"#, 0.0);
+    // A gauge shared with the other test of this binary, which may have shadows in flight.
+    assert!(value(&text, "ficus_shadow_inflight").is_some(), "{text}");
     expect(r#"ficus_build_info{version="0.1.0"}"#, 1.0);
     assert!(text.contains(r#"ficus_request_duration_seconds_bucket{route="m-orders",authority="legacy",le="0.0005"}"#), "{text}");
     assert!(text.contains("# TYPE ficus_requests_total counter"));
