@@ -1,6 +1,6 @@
-//! The admin listener, on its own port: liveness and readiness, and the reconciliation API
-//! over the record store (`/api/*`, behind bearer tokens when configured). Metrics join it
-//! in a later stage.
+//! The admin listener, on its own port: liveness, readiness and `/metrics`, and the
+//! reconciliation API over the record store (`/api/*`, behind bearer tokens when configured):
+//! divergences, groups, replay, the readiness report, rules, impact, overrides, audit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
