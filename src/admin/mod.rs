@@ -212,6 +212,23 @@ struct ListQuery {
     cursor: Option<String>,
 }
 
+fn bad_state() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "bad_state",
+        "state is open, acknowledged, expected or resolved",
+    )
+}
+
+/// An optional `state` parameter; a 400 response when it names no state.
+#[allow(clippy::result_large_err)]
+fn parse_state(raw: Option<&str>) -> Result<Option<RecordState>, Response> {
+    match raw {
+        None => Ok(None),
+        Some(raw) => RecordState::parse(raw).map(Some).ok_or_else(bad_state),
+    }
+}
+
 /// A time bound: RFC 3339 or Unix milliseconds.
 fn time_ms(raw: &str) -> Option<u64> {
     raw.parse::<u64>().ok().or_else(|| {
@@ -233,16 +250,9 @@ async fn list(
             "known parameters: route, state, class, fingerprint, since, until, limit, cursor",
         );
     };
-    let record_state = match q.state.as_deref().map(RecordState::parse) {
-        Some(None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_state",
-                "state is open, acknowledged, expected or resolved",
-            );
-        }
-        Some(s) => s,
-        None => None,
+    let record_state = match parse_state(q.state.as_deref()) {
+        Ok(s) => s,
+        Err(resp) => return resp,
     };
     let mut bounds = [None, None];
     for (slot, raw) in bounds.iter_mut().zip([&q.since, &q.until]) {
@@ -643,15 +653,9 @@ fn apply_changes(
             }
         };
         match key.as_str() {
-            "state" => match text.as_deref().and_then(RecordState::parse) {
+            "state" => match parse_state(Some(text.as_deref().unwrap_or_default()))? {
                 Some(s) => record.state = s,
-                None => {
-                    return Err(error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_state",
-                        "state is open, acknowledged, expected or resolved",
-                    ));
-                }
+                None => return Err(bad_state()),
             },
             "class" => record.class = text.filter(|c| !c.is_empty()),
             "note" => record.note = text,
@@ -713,16 +717,9 @@ async fn groups(
             "known parameters: route, state",
         );
     };
-    let record_state = match q.state.as_deref().map(RecordState::parse) {
-        Some(None) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_state",
-                "state is open, acknowledged, expected or resolved",
-            );
-        }
-        Some(s) => s,
-        None => None,
+    let record_state = match parse_state(q.state.as_deref()) {
+        Ok(s) => s,
+        Err(resp) => return resp,
     };
     let filter = Filter {
         route: q.route,
