@@ -486,6 +486,9 @@ impl Shadower {
             Ok(s) => s,
             Err(outcome) => return outcome,
         };
+        // Shadow work yields to client work: when many slow shadows complete at once, their
+        // comparisons queue behind the exchanges that are waiting, instead of ahead of them.
+        tokio::task::yield_now().await;
         // Comparisons always read from legacy to new.
         let (legacy, new) = match route.authority {
             Side::Legacy => (authority, shadow),
