@@ -201,6 +201,11 @@ fn paint(text: &str, color: &str) -> String {
     }
 }
 
+/// The items of a JSON array as text, joined.
+fn joined(items: &[Value], sep: &str) -> String {
+    items.iter().map(text).collect::<Vec<_>>().join(sep)
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -283,7 +288,7 @@ pub async fn divergences(admin: &AdminArgs, cmd: DivergencesCommand) -> Result<(
                         ),
                         r["paths"]
                             .as_array()
-                            .map(|p| p.iter().map(text).collect::<Vec<_>>().join(", "))
+                            .map(|p| joined(p, ", "))
                             .unwrap_or_default(),
                     ]
                 })
@@ -447,7 +452,7 @@ pub async fn groups(admin: &AdminArgs, cmd: GroupsCommand) -> Result<()> {
                 text(&i["last_seen"]),
                 i["paths"]
                     .as_array()
-                    .map(|p| p.iter().map(text).collect::<Vec<_>>().join(", "))
+                    .map(|p| joined(p, ", "))
                     .unwrap_or_default(),
             ]
         })
@@ -492,7 +497,7 @@ pub async fn report(
                     ),
                     x["reasons"]
                         .as_array()
-                        .map(|p| p.iter().map(text).collect::<Vec<_>>().join("; "))
+                        .map(|p| joined(p, "; "))
                         .unwrap_or_default(),
                 ]
             })

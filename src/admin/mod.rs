@@ -286,14 +286,23 @@ async fn list(
 }
 
 async fn one(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
-    match state.store.get(&id).await {
-        Ok(Some(record)) => Json(record).into_response(),
-        Ok(None) => error(
+    match load_record(&state, &id).await {
+        Ok(record) => Json(record).into_response(),
+        Err(resp) => resp,
+    }
+}
+
+/// A record by id, or the 404 / 503 response to give instead.
+#[allow(clippy::result_large_err)]
+async fn load_record(state: &AdminState, id: &str) -> Result<crate::record::Record, Response> {
+    match state.store.get(id).await {
+        Ok(Some(record)) => Ok(record),
+        Ok(None) => Err(error(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no divergence `{id}`"),
-        ),
-        Err(e) => store_error(&e),
+        )),
+        Err(e) => Err(store_error(&e)),
     }
 }
 
@@ -310,16 +319,9 @@ async fn patch(
             "send a JSON object with any of state, class, note",
         );
     };
-    let mut record = match state.store.get(&id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no divergence `{id}`"),
-            );
-        }
-        Err(e) => return store_error(&e),
+    let mut record = match load_record(&state, &id).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
     if let Err(resp) = apply_changes(&mut record, &changes, &who) {
         return resp;
@@ -354,16 +356,9 @@ async fn replay(
             "known parameter: allow_writes",
         );
     };
-    let record = match state.store.get(&id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no divergence `{id}`"),
-            );
-        }
-        Err(e) => return store_error(&e),
+    let record = match load_record(&state, &id).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
     match replay_record(&state, &who, record, q.allow_writes.unwrap_or(false)).await {
         Ok(answer) => Json(answer).into_response(),
