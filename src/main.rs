@@ -618,6 +618,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         println!(
             "\nficus demo\n\
              \x20 proxy     http://{p}\n\
+             \x20 workbench http://{admin}/ui/  (divergences, groups, readiness)\n\
              \x20 admin     http://{admin}/readyz\n\
              \x20 legacy    http://{legacy}  (example backend)\n\
              \x20 new       http://{new}  (example backend; differs a little)\n\

@@ -267,6 +267,21 @@ async fn contract(store: Arc<dyn Store>) {
         store.counts("nobody", 0).await.unwrap().0,
         Counts::default()
     );
+    // Per hour, oldest first, empty hours left out: what the workbench charts.
+    assert_eq!(
+        store.hourly("orders", hour - 24).await.unwrap(),
+        vec![(
+            hour,
+            Counts {
+                comparisons: 15,
+                divergences: 2
+            }
+        )]
+    );
+    let all = store.hourly("orders", 0).await.unwrap();
+    assert_eq!(all.first().map(|h| h.0), Some(hour - 30));
+    assert_eq!(all.len(), 2);
+    assert!(store.hourly("nobody", 0).await.unwrap().is_empty());
 
     // Retention: older records go, with their index entries; the per-route cap keeps the newest.
     let old = record("orders", ms(now - 10 * 24 * 3_600_000), "/total");

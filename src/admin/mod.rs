@@ -1,6 +1,7 @@
 //! The admin listener, on its own port: liveness, readiness and `/metrics`, and the
 //! reconciliation API over the record store (`/api/*`, behind bearer tokens when configured):
-//! divergences, groups, replay, the readiness report, rules, impact, overrides, audit.
+//! divergences, groups, replay, the readiness report, rules, impact, overrides, audit; and the
+//! workbench UI over that API (`/ui/`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,8 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
+
+mod ui;
 
 use crate::proxy::Proxy;
 use crate::record::{Change, State as RecordState};
@@ -68,6 +71,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .merge(ui::router())
         .merge(api)
         .with_state(state)
 }
@@ -526,6 +530,9 @@ fn as_compare(a: &(http::response::Parts, bytes::Bytes)) -> crate::compare::Resp
     }
 }
 
+/// Hours of per-hour counts the report carries (the workbench's charts).
+const HISTORY_HOURS: u64 = 24;
+
 /// Per route: the evidence over the gate's window, the divergences by state, this replica's
 /// latency and error figures, the noisy fields, and the verdict.
 async fn report(State(state): State<Arc<AdminState>>) -> Response {
@@ -562,9 +569,15 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
                 ..route_filter(Some(RecordState::Open))
             })
             .await?;
-            Ok::<_, StoreError>((total, window, by_state, expected, open_defects))
+            let history = store
+                .hourly(
+                    &name,
+                    crate::store::hour_of(now).saturating_sub(HISTORY_HOURS - 1),
+                )
+                .await?;
+            Ok::<_, StoreError>((total, window, by_state, expected, open_defects, history))
         };
-        let (total, window, by_state, expected, open_defects) = match gathered.await {
+        let (total, window, by_state, expected, open_defects, history) = match gathered.await {
             Ok(g) => g,
             Err(e) => return store_error(&e),
         };
@@ -604,6 +617,11 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
             "divergence_rate": verdict.divergence_rate,
             "divergence_rate_upper_95": verdict.divergence_rate_upper_95,
             "noisy_fields": noisy,
+            "history": history.iter().map(|(hour, c)| json!({
+                "hour_ms": hour * 3_600_000,
+                "comparisons": c.comparisons,
+                "divergences": c.divergences,
+            })).collect::<Vec<_>>(),
             "latency_ms": {
                 "legacy": {"p50": stats.latency_ms.legacy.0, "p99": stats.latency_ms.legacy.1},
                 "new": {"p50": stats.latency_ms.new.0, "p99": stats.latency_ms.new.1},
@@ -759,13 +777,31 @@ async fn groups(
     Json(json!({ "items": items, "truncated": truncated })).into_response()
 }
 
-/// Applies one patch to every record of a group.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchGroupQuery {
+    state: Option<String>,
+}
+
+/// Applies one patch to every record of a group, or to those in `?state=` only.
 async fn patch_group(
     State(state): State<Arc<AdminState>>,
     Extension(who): Extension<Who>,
     Path(fingerprint): Path<String>,
+    query: Result<Query<PatchGroupQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Json<Map<String, Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "known parameter: state",
+        );
+    };
+    let only = match parse_state(q.state.as_deref()) {
+        Ok(s) => s,
+        Err(resp) => return resp,
+    };
     let Ok(Json(changes)) = body else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -775,6 +811,7 @@ async fn patch_group(
     };
     let filter = Filter {
         fingerprint: Some(fingerprint.clone()),
+        state: only,
         ..Filter::default()
     };
     let (records, truncated) = match scan(&*state.store, filter).await {

@@ -150,6 +150,13 @@ pub trait Store: Send + Sync {
         route: &'a str,
         since_hour: u64,
     ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>>;
+    /// A route's counts per hour from `since_hour` on, oldest first; hours without any
+    /// comparison are left out. Feeds the divergence-rate charts of the workbench.
+    fn hourly<'a>(
+        &'a self,
+        route: &'a str,
+        since_hour: u64,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Counts)>, StoreError>>;
     /// Deletes records past retention; returns how many went.
     fn expire(&self, retention: Retention, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>>;
     /// Sets (or replaces) the override of a route.

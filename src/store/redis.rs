@@ -75,6 +75,36 @@ macro_rules! with_conn {
 }
 
 impl RedisStore {
+    /// A route's totals and its per-hour counts from `since_hour` (at most
+    /// [`MAX_WINDOW_HOURS`] back) to now, in one round trip.
+    async fn count_rows(
+        &self,
+        route: &str,
+        since_hour: u64,
+    ) -> Result<(Counts, Vec<(u64, Counts)>), StoreError> {
+        let now_hour = super::hour_of(crate::store::writer::now_ms());
+        let first = since_hour.max(now_hour.saturating_sub(MAX_WINDOW_HOURS));
+        let mut pipe = redis::pipe();
+        let hmget = |pipe: &mut redis::Pipeline, key: String| {
+            pipe.cmd("HMGET")
+                .arg(key)
+                .arg("comparisons")
+                .arg("divergences");
+        };
+        hmget(&mut pipe, self.key(&["cnt", route]));
+        for h in first..=now_hour {
+            hmget(&mut pipe, self.key(&["cnt", route, &h.to_string()]));
+        }
+        let rows: Vec<(Option<u64>, Option<u64>)> =
+            with_conn!(self, c => pipe.query_async(&mut c).await?);
+        let to_counts = |(c, d): (Option<u64>, Option<u64>)| Counts {
+            comparisons: c.unwrap_or(0),
+            divergences: d.unwrap_or(0),
+        };
+        let mut rows = rows.into_iter();
+        let total = rows.next().map(to_counts).unwrap_or_default();
+        Ok((total, (first..).zip(rows.map(to_counts)).collect()))
+    }
     /// A single Redis (`redis://` or `rediss://`); connects lazily, reconnects by itself.
     pub fn single(url: &str, prefix: &str) -> Result<RedisStore, StoreError> {
         let client = redis::Client::open(url)?;
@@ -410,32 +440,28 @@ impl Store for RedisStore {
         since_hour: u64,
     ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>> {
         Box::pin(async move {
-            let now_hour = super::hour_of(crate::store::writer::now_ms());
-            let first = since_hour.max(now_hour.saturating_sub(MAX_WINDOW_HOURS));
-            let mut pipe = redis::pipe();
-            let hmget = |pipe: &mut redis::Pipeline, key: String| {
-                pipe.cmd("HMGET")
-                    .arg(key)
-                    .arg("comparisons")
-                    .arg("divergences");
-            };
-            hmget(&mut pipe, self.key(&["cnt", route]));
-            for h in first..=now_hour {
-                hmget(&mut pipe, self.key(&["cnt", route, &h.to_string()]));
-            }
-            let rows: Vec<(Option<u64>, Option<u64>)> =
-                with_conn!(self, c => pipe.query_async(&mut c).await?);
-            let to_counts = |(c, d): (Option<u64>, Option<u64>)| Counts {
-                comparisons: c.unwrap_or(0),
-                divergences: d.unwrap_or(0),
-            };
-            let mut rows = rows.into_iter();
-            let total = rows.next().map(to_counts).unwrap_or_default();
-            let window = rows.map(to_counts).fold(Counts::default(), |a, b| Counts {
-                comparisons: a.comparisons + b.comparisons,
-                divergences: a.divergences + b.divergences,
-            });
+            let (total, hours) = self.count_rows(route, since_hour).await?;
+            let window = hours
+                .into_iter()
+                .fold(Counts::default(), |a, (_, b)| Counts {
+                    comparisons: a.comparisons + b.comparisons,
+                    divergences: a.divergences + b.divergences,
+                });
             Ok((total, window))
+        })
+    }
+
+    fn hourly<'a>(
+        &'a self,
+        route: &'a str,
+        since_hour: u64,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Counts)>, StoreError>> {
+        Box::pin(async move {
+            let (_, hours) = self.count_rows(route, since_hour).await?;
+            Ok(hours
+                .into_iter()
+                .filter(|(_, c)| c.comparisons > 0)
+                .collect())
         })
     }
 

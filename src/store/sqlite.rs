@@ -280,6 +280,30 @@ impl Store for SqliteStore {
         })
     }
 
+    fn hourly<'a>(
+        &'a self,
+        route: &'a str,
+        since_hour: u64,
+    ) -> BoxFuture<'a, Result<Vec<(u64, Counts)>, StoreError>> {
+        let route = route.to_string();
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT hour, comparisons, divergences FROM counts
+                 WHERE route = ?1 AND hour >= ?2 AND comparisons > 0 ORDER BY hour",
+            )?;
+            let rows = stmt.query_map(params![route, int(since_hour)], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?.max(0) as u64,
+                    Counts {
+                        comparisons: row.get::<_, i64>(1)?.max(0) as u64,
+                        divergences: row.get::<_, i64>(2)?.max(0) as u64,
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     fn expire(&self, retention: Retention, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         self.with(move |conn| {
             let cutoff = now_ms.saturating_sub(retention.records_ms);

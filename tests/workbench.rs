@@ -1,0 +1,504 @@
+//! End to end in a real browser: Debian's chromium, driven through chromedriver (WebDriver),
+//! opens the workbench served by a real ficus in front of real loopback backends, and works
+//! through a divergence the way a person would: routes, groups, the highlighted field,
+//! classification, replay after the backend is fixed. Each main view is saved as a screenshot
+//! (under `target/workbench-screenshots/`, or `docs/screenshots/` with
+//! `FICUS_UPDATE_SCREENSHOTS=1`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use http::Response;
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Value, json};
+use support::{Backend, TestProxy, client, eventually, free_port, full};
+
+const RULES: &str = r#"
+[[route]]
+name = "orders"
+[route.match]
+path_prefix = "/api/orders/"
+[route.shadow]
+
+[[route]]
+name = "payments"
+[route.match]
+path_prefix = "/api/payments"
+methods = ["POST"]
+[route.shadow]
+writes = true
+"#;
+
+/// chromedriver on a free loopback port, killed on drop.
+struct Driver {
+    child: Child,
+    port: u16,
+    profile: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    async fn start() -> (Driver, Client) {
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver is missing: apt-get install -y chromium chromium-driver (scripts/test does)");
+        let profile = tempfile::tempdir().unwrap();
+        let driver = Driver {
+            child,
+            port,
+            profile,
+        };
+        let mut caps = serde_json::Map::new();
+        caps.insert("browserName".into(), json!("chrome"));
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": chromium(),
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=1400,1000", "--no-first-run", "--disable-extensions",
+                    "--disable-background-networking", "--disable-sync", "--lang=en-GB",
+                    format!("--user-data-dir={}", driver.profile.path().display()),
+                ],
+            }),
+        );
+        let url = format!("http://127.0.0.1:{}", driver.port);
+        // chromedriver takes a moment to listen; the session takes a moment to start chromium.
+        let mut last = String::new();
+        for _ in 0..100 {
+            match ClientBuilder::new(HttpConnector::new())
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(c) => return (driver, c),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no WebDriver session from chromedriver: {last}");
+    }
+}
+
+fn chromium() -> &'static str {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("/usr/bin/chromium")
+}
+
+/// Waits until the element matching `css` shows text containing `want`; returns its text.
+async fn wait_text(c: &Client, css: &str, want: &str) -> String {
+    let mut seen = String::new();
+    for _ in 0..150 {
+        if let Ok(el) = c.find(Locator::Css(css)).await
+            && let Ok(text) = el.text().await
+        {
+            if text.contains(want) {
+                return text;
+            }
+            seen = text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("`{css}` never showed `{want}`; last text: {seen:?}");
+}
+
+async fn wait_for(c: &Client, css: &str) -> fantoccini::elements::Element {
+    match c
+        .wait()
+        .at_most(Duration::from_secs(15))
+        .for_element(Locator::Css(css))
+        .await
+    {
+        Ok(el) => el,
+        Err(e) => {
+            let page = c.source().await.unwrap_or_default();
+            panic!("`{css}` never appeared ({e}); the page:\n{page}")
+        }
+    }
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    let dir = if std::env::var_os("FICUS_UPDATE_SCREENSHOTS").is_some() {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots")
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/workbench-screenshots")
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+/// Legacy answers `total: 10.5`; new answers `total: 11` until `fixed` is set.
+async fn backends(fixed: Arc<AtomicBool>) -> (Backend, Backend) {
+    let answer = |side: &'static str, fixed: Arc<AtomicBool>| {
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let path = req.uri().path().to_string();
+            let fixed = fixed.clone();
+            async move {
+                let total = if side == "new" && !fixed.load(Ordering::SeqCst) {
+                    json!(11)
+                } else {
+                    json!(10.5)
+                };
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(full(
+                        json!({"path": path, "total": total, "items": [{"sku": "A-1", "qty": 2}]})
+                            .to_string(),
+                    ))
+                    .unwrap()
+            }
+        }
+    };
+    let legacy = Backend::with_handler("legacy", answer("legacy", fixed.clone())).await;
+    let new = Backend::with_handler("new", answer("new", fixed)).await;
+    (legacy, new)
+}
+
+async fn record(proxy: &TestProxy, id: &str) -> Value {
+    client()
+        .get(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_works_through_a_divergence_in_the_browser() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let (legacy, new) = backends(fixed.clone()).await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    let http = client();
+    for i in 0..4 {
+        let resp = http
+            .get(proxy.url(&format!("/api/orders/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(proxy.wait_records(4).await.len(), 4);
+    // Counters reach the store in the writer's next batch.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let report: Value = http
+                .get(proxy.admin_url("/api/report"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            report["routes"][0]["comparisons"]["window"] == 4
+        })
+        .await
+    );
+    let (_driver, c) = Driver::start().await;
+
+    // Routes: the orders route with its comparisons, rate and verdict.
+    c.goto(&proxy.admin_url("/ui/")).await.unwrap();
+    let row = wait_text(&c, "#routes tr[data-route=\"orders\"]", "orders").await;
+    assert!(row.contains("insufficient-data"), "verdict shown: {row}");
+    wait_text(&c, "#routes tr[data-route=\"orders\"] td.rate", "100.00%").await;
+    wait_for(&c, "#routes tr[data-route=\"orders\"] svg.spark rect").await;
+    screenshot(&c, "routes").await;
+
+    // Groups, reached by the route's link: one group of four, differing at /total.
+    c.find(Locator::Css("#routes tr[data-route=\"orders\"] th a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let group = wait_text(&c, "#groups tbody tr", "/total").await;
+    assert!(
+        group.contains("orders") && group.contains("open 4"),
+        "{group}"
+    );
+    // The filters are in the address: the view can be shared as a link.
+    let url = c.current_url().await.unwrap();
+    assert_eq!(url.fragment(), Some("/groups?route=orders&state=open"));
+    screenshot(&c, "groups").await;
+
+    // One divergence: the differing field is highlighted in place on both sides.
+    c.find(Locator::Css("#groups tbody tr a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let mark = wait_text(
+        &c,
+        "[data-side=\"new\"] mark.changed[data-path=\"/total\"]",
+        "11",
+    )
+    .await;
+    assert!(mark.contains("\"total\": 11"), "{mark}");
+    let old = wait_text(
+        &c,
+        "[data-side=\"legacy\"] mark.changed[data-path=\"/total\"]",
+        "10.5",
+    )
+    .await;
+    assert!(old.contains("\"total\": 10.5"), "{old}");
+    wait_text(&c, "#diffs-title", "Differences (1)").await;
+    let id = c
+        .find(Locator::Css("article[data-id]"))
+        .await
+        .unwrap()
+        .attr("data-id")
+        .await
+        .unwrap()
+        .unwrap();
+    c.set_window_size(1400, 1250).await.unwrap();
+    screenshot(&c, "divergence").await;
+    c.set_window_size(1400, 1000).await.unwrap();
+
+    // The copied curl command reproduces the request, through ficus.
+    let curl = c
+        .find(Locator::Css("#curl pre"))
+        .await
+        .unwrap()
+        .prop("textContent")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        curl.starts_with("curl -sS -X GET 'http://127.0.0.1:"),
+        "{curl}"
+    );
+    let out = Command::new("sh").arg("-c").arg(&curl).output().unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["total"], json!(10.5), "the authority answered");
+
+    // Classify it, with a note.
+    c.find(Locator::Css("#edit-class"))
+        .await
+        .unwrap()
+        .send_keys("defect")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#edit-note"))
+        .await
+        .unwrap()
+        .send_keys("rounding in the new pricing service")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#save"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#rec-class", "defect").await;
+    wait_text(&c, "#status", "Saved.").await;
+    let stored = record(&proxy, &id).await;
+    assert_eq!(stored["class"], "defect");
+    assert_eq!(stored["note"], "rounding in the new pricing service");
+    // A defect blocks the route: the routes view says so.
+    c.goto(&proxy.admin_url("/ui/#/routes")).await.unwrap();
+    wait_text(
+        &c,
+        "#routes tr[data-route=\"orders\"]",
+        "classified as defect",
+    )
+    .await;
+
+    // The new side is fixed; replaying from the page resolves the divergence.
+    fixed.store(true, Ordering::SeqCst);
+    c.goto(&proxy.admin_url(&format!("/ui/#/divergence/{id}")))
+        .await
+        .unwrap();
+    wait_for(&c, "#replay").await.click().await.unwrap();
+    wait_text(&c, "#status", "Replay matched").await;
+    wait_text(&c, "#rec-state", "resolved").await;
+    let stored = record(&proxy, &id).await;
+    assert_eq!(stored["state"], "resolved");
+    let history = wait_text(&c, "ol.history", "replay matched").await;
+    assert!(history.contains("defect"), "{history}");
+
+    // Bulk: the rest of the group (three left open, and the curl run's) marked expected from
+    // the groups view; the resolved one stays resolved.
+    c.goto(&proxy.admin_url("/ui/#/groups?route=orders&state=open"))
+        .await
+        .unwrap();
+    wait_text(&c, "#groups tbody tr", "open 4").await;
+    wait_for(&c, "#groups tbody input.pick")
+        .await
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::Css("#bulk-expected"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#status", "Marked expected: 4 record(s) in 1 group(s)").await;
+    wait_text(&c, "main", "No divergences match these filters.").await;
+    assert_eq!(record(&proxy, &id).await["state"], "resolved");
+
+    // Narrow screens: the two sides stack instead of squeezing.
+    c.set_window_size(420, 900).await.unwrap();
+    c.goto(&proxy.admin_url(&format!("/ui/#/divergence/{id}")))
+        .await
+        .unwrap();
+    wait_for(&c, "[data-side=\"new\"] mark.changed").await;
+    let stacked: Value = c
+        .execute(
+            "const [a, b] = document.querySelectorAll('[data-side]');
+             return b.getBoundingClientRect().top >= a.getBoundingClientRect().bottom;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stacked, json!(true));
+    let fits: Value = c
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fits,
+        json!(true),
+        "nothing scrolls sideways on a narrow screen"
+    );
+    screenshot(&c, "divergence-narrow").await;
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_stays_out_of_the_address_and_writes_need_a_confirmation() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let (legacy, new) = backends(fixed).await;
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| {
+        c.admin_tokens = vec![("alice".into(), "s3cret-token".into())];
+    })
+    .await;
+    let resp = client()
+        .post(proxy.url("/api/payments"))
+        .header("content-type", "application/json")
+        .body(r#"{"amount": 5}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(proxy.wait_records(1).await.len(), 1);
+    // The page itself needs no token (it holds no data) and allows only its own scripts.
+    let page = client().get(proxy.admin_url("/ui/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    let api = client()
+        .get(proxy.admin_url("/api/report"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 401);
+    let (_driver, c) = Driver::start().await;
+
+    // No token yet: the page asks for one, and shows nothing from the API.
+    c.goto(&proxy.admin_url("/ui/")).await.unwrap();
+    let dialog = wait_for(&c, "#token-dialog[open]").await;
+    assert!(dialog.is_displayed().await.unwrap());
+    wait_text(&c, "#status", "needs a token").await;
+    c.find(Locator::Css("#token-input"))
+        .await
+        .unwrap()
+        .send_keys("s3cret-token")
+        .await
+        .unwrap();
+    c.find(Locator::Css("#token-form button[value=\"save\"]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#routes tr[data-route=\"payments\"]", "payments").await;
+    let url = c.current_url().await.unwrap();
+    assert!(!url.as_str().contains("s3cret"), "{url}");
+    let kept: Value = c
+        .execute("return sessionStorage.getItem('ficus.token')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(kept, json!("s3cret-token"));
+
+    // A POST divergence: replay asks for an explicit confirmation; cancelling sends nothing.
+    c.goto(&proxy.admin_url("/ui/#/divergences?route=payments"))
+        .await
+        .unwrap();
+    wait_for(&c, "#divergences tbody tr a")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let before = (legacy.count(), new.count());
+    wait_text(&c, "#replay", "Replay (write)").await;
+    c.find(Locator::Css("#replay"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&c, "#confirm-dialog[open]").await;
+    c.find(Locator::Css("#confirm-no"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#status", "Replay cancelled.").await;
+    assert_eq!(
+        (legacy.count(), new.count()),
+        before,
+        "nothing was replayed"
+    );
+
+    // Confirmed: the write goes to both sides again.
+    c.find(Locator::Css("#replay"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&c, "#confirm-dialog[open]").await;
+    c.find(Locator::Css("#confirm-check"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::Css("#confirm-yes"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#status", "Replay still diverges").await;
+    assert_eq!((legacy.count(), new.count()), (before.0 + 1, before.1 + 1));
+    c.close().await.unwrap();
+}
