@@ -496,7 +496,16 @@ fn explain(
     let rules = loaded.rules;
     let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .with_context(|| format!("bad method `{method}`"))?;
-    let uri: Uri = url.parse().with_context(|| format!("bad URL `{url}`"))?;
+    let mut uri: Uri = url.parse().with_context(|| format!("bad URL `{url}`"))?;
+    // Match what the proxy matches: the canonical path.
+    match ficus::proxy::canonical_uri(&uri) {
+        Ok(Some(canonical)) => {
+            println!("path as matched and forwarded: {}", canonical.path());
+            uri = canonical;
+        }
+        Ok(None) => {}
+        Err(e) => bail!("ficus answers 400 to this request: {e}"),
+    }
     let mut headers = HeaderMap::new();
     for h in header_args {
         let Some((name, value)) = h.split_once(':') else {

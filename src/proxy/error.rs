@@ -26,6 +26,8 @@ pub enum ProxyError {
     Upstream { side: Side, source: BoxError },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("bad request: {0}")]
+    BadPath(#[from] crate::route::path::PathError),
     #[error("{0} is not supported by a reverse proxy")]
     MethodNotAllowed(&'static str),
 }
@@ -77,7 +79,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } | ProxyError::Timeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -91,6 +93,7 @@ impl ProxyError {
             ProxyError::Reset { .. } => "upstream_reset",
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadPath(_) => "bad_path",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
@@ -103,7 +106,9 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Reset { .. } => "reset",
             ProxyError::Upstream { .. } => "upstream",
-            ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => "client",
+            ProxyError::BadRequest(_)
+            | ProxyError::BadPath(_)
+            | ProxyError::MethodNotAllowed(_) => "client",
         }
     }
 
@@ -114,7 +119,9 @@ impl ProxyError {
             | ProxyError::Timeout { side, .. }
             | ProxyError::Reset { side, .. }
             | ProxyError::Upstream { side, .. } => Some(*side),
-            ProxyError::BadRequest(_) | ProxyError::MethodNotAllowed(_) => None,
+            ProxyError::BadRequest(_)
+            | ProxyError::BadPath(_)
+            | ProxyError::MethodNotAllowed(_) => None,
         }
     }
 }

@@ -158,6 +158,11 @@ impl Proxy {
         let start = Instant::now();
         let live = self.live.load_full();
         let request_id = headers::ensure_request_id(req.headers_mut());
+        // One path for matching and forwarding: no spelling of a path can match one route
+        // and reach the upstream as a path another route owns.
+        if let Err(e) = canonicalize(&mut req) {
+            return reject(e, &req, &request_id);
+        }
         let trace_id = headers::ensure_traceparent(req.headers_mut());
         let upgrade = headers::is_upgrade_request(&req);
         let head = RequestHead::from_request(&req, conn.peer.ip());
@@ -397,6 +402,52 @@ where
     }
     headers::prepare_response(&mut resp, request_id, upgraded);
     Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+}
+
+/// Rewrites the request's path to its canonical form ([`route::path::normalize`]).
+fn canonicalize<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    if let Some(uri) = canonical_uri(req.uri())? {
+        *req.uri_mut() = uri;
+    }
+    Ok(())
+}
+
+/// The URI with its path in canonical form, or `None` when it already is; the error a client
+/// gets for a path without one. `rules explain` uses it too, to match what the proxy matches.
+pub fn canonical_uri(uri: &Uri) -> Result<Option<Uri>, ProxyError> {
+    let path = match route::path::normalize(uri.path())? {
+        std::borrow::Cow::Borrowed(_) => return Ok(None),
+        std::borrow::Cow::Owned(path) => path,
+    };
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        PathAndQuery::try_from(target)
+            .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?,
+    );
+    Uri::from_parts(parts)
+        .map(Some)
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
+}
+
+/// The answer to a request refused before routing: counted, logged, never forwarded.
+fn reject<B>(e: ProxyError, req: &Request<B>, request_id: &HeaderValue) -> Response<Body> {
+    let reason = match &e {
+        ProxyError::BadPath(p) => p.code(),
+        other => other.code(),
+    };
+    ::metrics::counter!(crate::telemetry::REQUESTS_REJECTED_TOTAL, "reason" => reason).increment(1);
+    info!(
+        target: "ficus::access",
+        method = %req.method(),
+        status = e.status().as_u16(),
+        rejected = reason,
+        request_id = request_id.to_str().unwrap_or_default(),
+    );
+    rescue(&e, "", None, request_id)
 }
 
 /// The authority the client addressed: the URI's authority (HTTP/2, or an absolute-form

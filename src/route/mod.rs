@@ -3,6 +3,7 @@
 //! makes canary cohorts sticky and lets `rules explain` say exactly what the proxy will do.
 
 mod index;
+pub mod path;
 
 use std::net::IpAddr;
 

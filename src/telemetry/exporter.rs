@@ -54,6 +54,10 @@ fn describe() {
         UPSTREAM_ERRORS_TOTAL,
         "Failed upstream calls by route, side and kind."
     );
+    describe_counter!(
+        REQUESTS_REJECTED_TOTAL,
+        "Requests refused before reaching any upstream, by reason."
+    );
     describe_counter!(SHADOW_TOTAL, "Requests of shadowed routes by outcome.");
     describe_counter!(
         COMPARISONS_TOTAL,
