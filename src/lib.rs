@@ -69,6 +69,9 @@ pub struct Config {
     pub writer: store::writer::WriterConfig,
     /// Record body limit and the instance name written into records.
     pub records: record::Policy,
+    /// What one client may take (connections, header and body sizes, time), and which peers
+    /// are trusted proxies.
+    pub limits: server::Limits,
 }
 
 impl Config {
@@ -94,6 +97,7 @@ impl Config {
             store_prefix: "ficus:".to_string(),
             writer: store::writer::WriterConfig::default(),
             records: record::Policy::default(),
+            limits: server::Limits::default(),
         }
     }
 }
@@ -200,7 +204,14 @@ impl Ficus {
             writer.clone(),
             config.records.clone(),
         ));
-        let proxy = Arc::new(Proxy::new(loaded.rules, clients, defaults, shadower));
+        let proxy = Arc::new(Proxy::new(
+            loaded.rules,
+            clients,
+            defaults,
+            shadower,
+            config.limits.clone(),
+        ));
+        let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
         let tls = match &config.tls {
             Some(files) => Some(server::tls_acceptor(&files.cert, &files.key)?),
             None => None,
@@ -289,6 +300,7 @@ impl Ficus {
         for (i, listener) in listeners.into_iter().enumerate() {
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
             let (proxy, tls, stop) = (proxy.clone(), tls.clone(), shutdown_rx.clone());
+            let connections = connections.clone();
             let drain = config.shutdown_timeout;
             std::thread::Builder::new()
                 .name(format!("ficus-worker-{i}"))
@@ -302,7 +314,9 @@ impl Ficus {
                     };
                     runtime.block_on(async move {
                         match tokio::net::TcpListener::from_std(listener) {
-                            Ok(listener) => server::serve(listener, tls, proxy, stop, drain).await,
+                            Ok(listener) => {
+                                server::serve(listener, tls, proxy, stop, drain, connections).await
+                            }
                             Err(e) => error!(error = %e, "cannot adopt the proxy listener"),
                         }
                     });

@@ -140,6 +140,8 @@ struct ServeArgs {
     shadow: ShadowArgs,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Token required as `Authorization: Bearer TOKEN` on the admin API (/api/*); `NAME=TOKEN`
     /// names it in record histories. Repeatable; the variable takes a comma-separated list.
     #[arg(
@@ -202,6 +204,60 @@ struct StoreArgs {
     instance: Option<String>,
 }
 
+/// What one client may take, and which peers are trusted proxies.
+#[derive(Args)]
+struct LimitArgs {
+    /// Open client connections (all workers together); more are closed at once.
+    #[arg(
+        long,
+        env = "FICUS_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    max_connections: usize,
+    /// Time to send a request head; for HTTP/1.1 also the longest idle keep-alive.
+    #[arg(long, env = "FICUS_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2); more gets 431.
+    #[arg(long, env = "FICUS_MAX_HEADER_BYTES", value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
+    max_header_bytes: usize,
+    /// Most header fields in a request; more gets 431.
+    #[arg(
+        long,
+        env = "FICUS_MAX_HEADERS",
+        value_name = "N",
+        default_value_t = 100
+    )]
+    max_headers: usize,
+    /// Longest request target (path and query); more gets 414.
+    #[arg(long, env = "FICUS_MAX_URI_BYTES", value_name = "SIZE", default_value = "8KiB", value_parser = parse_size)]
+    max_uri_bytes: usize,
+    /// Largest request body when a route sets no `max_request_body`; more gets 413
+    /// (default: no limit; bodies stream).
+    #[arg(long, env = "FICUS_MAX_REQUEST_BODY", value_name = "SIZE", value_parser = parse_size)]
+    max_request_body: Option<usize>,
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(
+        long,
+        env = "FICUS_H2_MAX_STREAMS",
+        value_name = "N",
+        default_value_t = 100
+    )]
+    h2_max_streams: u32,
+    /// Peers (CIDRs) whose X-Forwarded-For/-Proto/-Host are kept and extended, e.g. a load
+    /// balancer's subnet; from anyone else they are replaced.
+    #[arg(long, env = "FICUS_TRUSTED_PROXIES", value_name = "CIDR", value_delimiter = ',', value_parser = parse_net)]
+    trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// A CIDR (`10.0.0.0/8`) or one address (`10.1.2.3`).
+fn parse_net(raw: &str) -> Result<ipnet::IpNet, String> {
+    let raw = raw.trim();
+    raw.parse::<ipnet::IpNet>()
+        .or_else(|_| raw.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("bad address or CIDR `{raw}`: write e.g. 10.0.0.0/8 or 192.168.1.7"))
+}
+
 /// Global limits of shadowing (mirroring to the non-authoritative side).
 #[derive(Args)]
 struct ShadowArgs {
@@ -232,23 +288,8 @@ struct ShadowArgs {
     shadow_header: HeaderName,
 }
 
-/// Parses `1048576`, `512KiB`, `64MiB` or `1GiB`.
 fn parse_size(raw: &str) -> Result<usize, String> {
-    let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (digits, unit) = raw.split_at(split);
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("bad size `{raw}`: write e.g. 1048576, 512KiB, 64MiB"))?;
-    let shift = match unit.trim() {
-        "" | "B" => 0,
-        "KiB" | "K" | "k" => 10,
-        "MiB" | "M" | "m" => 20,
-        "GiB" | "G" | "g" => 30,
-        other => return Err(format!("bad size unit `{other}`: use KiB, MiB or GiB")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size `{raw}` is too large"))
+    rules::parse_size(raw)
 }
 
 #[derive(Args)]
@@ -436,6 +477,17 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(instance) = store.instance {
         config.records.instance = instance.into();
     }
+    let limits = args.limits;
+    config.limits = ficus::server::Limits {
+        max_connections: limits.max_connections.max(1),
+        header_read_timeout: limits.header_read_timeout,
+        max_header_bytes: limits.max_header_bytes,
+        max_headers: limits.max_headers.max(1),
+        max_uri_bytes: limits.max_uri_bytes,
+        max_request_body: limits.max_request_body.map(|n| n as u64),
+        h2_max_streams: limits.h2_max_streams.max(1),
+        trusted_proxies: limits.trusted_proxies,
+    };
     runtime()?.block_on(ficus::run(config))?;
     Ok(())
 }

@@ -205,3 +205,182 @@ async fn smuggling_attempts_are_refused_before_any_upstream() {
     );
     assert_eq!(legacy.last().uri.path(), "/public/x");
 }
+
+#[tokio::test]
+async fn limits_answer_with_clear_errors_and_nothing_reaches_an_upstream() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = RULES.replace(
+        "name = \"public\"",
+        "name = \"public\"\nmax_request_body = \"1KiB\"",
+    );
+    let proxy = TestProxy::start_with(&rules, legacy.url(), new.url(), |c| {
+        c.limits.max_uri_bytes = 200;
+        c.limits.max_headers = 20;
+        c.limits.max_header_bytes = 8192;
+        c.limits.max_request_body = Some(4096);
+    })
+    .await;
+    let addr = proxy.ficus.proxy_addr();
+
+    // Request target over --max-uri-bytes: 414 with a JSON body.
+    let (status, text) = exchange(addr, &get(&format!("/public/{}", "a".repeat(300)))).await;
+    assert_eq!(status, 414, "{text}");
+    assert_eq!(body_json(&text)["error"], "uri_too_long");
+
+    // Too many header fields, or a head too large: 431 from the parser.
+    let many: String = (0..30).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let raw = format!("GET /public/x HTTP/1.1\r\nHost: a\r\n{many}Connection: close\r\n\r\n");
+    assert_eq!(exchange(addr, raw.as_bytes()).await.0, 431);
+    let big = format!(
+        "GET /public/x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(10_000)
+    );
+    assert_eq!(exchange(addr, big.as_bytes()).await.0, 431);
+
+    // A body announced over the route's limit (1 KiB on `public`): 413 before any upstream.
+    let raw = format!(
+        "POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\nConnection: close\r\n\r\n{}",
+        "x".repeat(2000)
+    );
+    let (status, text) = exchange(addr, raw.as_bytes()).await;
+    assert_eq!(status, 413, "{text}");
+    assert_eq!(body_json(&text)["error"], "body_too_large");
+    assert_eq!(
+        (legacy.count(), new.count()),
+        (0, 0),
+        "no upstream saw them"
+    );
+
+    // A chunked body that grows past the limit is cut off and answered 413.
+    let chunk = "y".repeat(1500);
+    let raw = format!(
+        "POST /public/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         {:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    );
+    let (status, text) = exchange(addr, raw.as_bytes()).await;
+    assert_eq!(status, 413, "{text}");
+
+    // Routes without their own limit use --max-request-body (4 KiB here); under it, fine.
+    let raw = format!(
+        "POST /admin/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\nConnection: close\r\n\r\n{}",
+        "z".repeat(3000)
+    );
+    assert_eq!(exchange(addr, raw.as_bytes()).await.0, 200);
+    let raw = format!(
+        "POST /admin/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n{}",
+        "z".repeat(5000)
+    );
+    assert_eq!(exchange(addr, raw.as_bytes()).await.0, 413);
+
+    // Every refusal is counted by reason.
+    let metrics = support::client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["uri_too_long", "body_too_large"] {
+        assert!(
+            metrics.contains(&format!(
+                "ficus_requests_rejected_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} not counted"
+        );
+    }
+}
+
+#[tokio::test]
+async fn slow_clients_and_connection_floods_cannot_hold_the_proxy() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| {
+        c.limits.max_connections = 4;
+        c.limits.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let addr = proxy.ficus.proxy_addr();
+
+    // Slowloris: half a request head, then nothing. The connection is closed.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /public/x HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf))
+        .await
+        .expect("the slow client is cut off")
+        .ok();
+    drop(slow);
+
+    // Flood: at the connection limit, a new connection is closed at once, unanswered.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // A request on each makes sure the proxy has accepted it (and holds a permit).
+        s.write_all(b"GET /public/x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(String::from_utf8_lossy(&chunk[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    let _ = extra.write_all(&get("/public/x")).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), extra.read_to_end(&mut got))
+        .await
+        .expect("the extra connection is closed");
+    assert!(got.is_empty(), "no answer past the limit");
+
+    // Held connections are idle now: the header timeout frees their permits, and the proxy
+    // serves again without a restart.
+    drop(held);
+    let mut ok = false;
+    for _ in 0..100 {
+        if exchange(addr, &get("/public/x")).await.0 == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the proxy recovers once connections close");
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let spoof = "GET /public/x HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 203.0.113.9\r\n\
+                 X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nConnection: close\r\n\r\n";
+
+    // Not trusted (the default): the client's values are replaced.
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    assert_eq!(
+        exchange(proxy.ficus.proxy_addr(), spoof.as_bytes()).await.0,
+        200
+    );
+    let seen = legacy.last().headers;
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "shop.test");
+    drop(proxy);
+
+    // Loopback trusted: the chain is kept and extended, proto and host kept.
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| {
+        c.limits.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    assert_eq!(
+        exchange(proxy.ficus.proxy_addr(), spoof.as_bytes()).await.0,
+        200
+    );
+    let seen = legacy.last().headers;
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    assert_eq!(seen["x-forwarded-host"], "evil.test");
+}

@@ -447,6 +447,7 @@ async fn replay_record(
         let conn = crate::proxy::ConnInfo {
             peer: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: false,
+            trusted: false,
         };
         let req = match crate::proxy::upstream_request(req, upstream, conn, false) {
             Ok(r) => r,

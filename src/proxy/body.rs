@@ -70,3 +70,69 @@ impl<B: Body + Unpin> Body for Progress<B> {
         self.inner.size_hint()
     }
 }
+
+/// The error a [`Capped`] body ends with once it passes its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than {limit} bytes")]
+pub struct TooLarge {
+    pub limit: u64,
+}
+
+/// A request body that fails with [`TooLarge`] past `limit` bytes: the upstream request is
+/// aborted and the client gets 413. Bodies with a `Content-Length` over the limit are refused
+/// before this; it catches chunked and HTTP/2 bodies of unannounced size.
+pub struct Capped<B> {
+    inner: B,
+    left: u64,
+    limit: u64,
+}
+
+impl<B> Capped<B> {
+    pub fn new(inner: B, limit: Option<u64>) -> Self {
+        let limit = limit.unwrap_or(u64::MAX);
+        Self {
+            inner,
+            left: limit,
+            limit,
+        }
+    }
+}
+
+impl<B> Body for Capped<B>
+where
+    B: Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<crate::upstream::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = crate::upstream::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > self.left {
+                        let limit = self.limit;
+                        return Poll::Ready(Some(Err(Box::new(TooLarge { limit }))));
+                    }
+                    self.left -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -28,6 +28,10 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("bad request: {0}")]
     BadPath(#[from] crate::route::path::PathError),
+    #[error("the request target is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
     #[error("{0} is not supported by a reverse proxy")]
     MethodNotAllowed(&'static str),
 }
@@ -35,6 +39,13 @@ pub enum ProxyError {
 impl ProxyError {
     /// Classifies a client error from hyper-util by walking its source chain.
     pub fn from_client(side: Side, e: hyper_util::client::legacy::Error) -> ProxyError {
+        let mut source = e.source();
+        while let Some(s) = source {
+            if let Some(t) = s.downcast_ref::<super::body::TooLarge>() {
+                return ProxyError::BodyTooLarge { limit: t.limit };
+            }
+            source = s.source();
+        }
         if e.is_connect() {
             let mut source = e.source();
             while let Some(s) = source {
@@ -80,6 +91,8 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::BadRequest(_) | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -94,6 +107,8 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BadPath(_) => "bad_path",
+            ProxyError::UriTooLong { .. } => "uri_too_long",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
@@ -108,6 +123,8 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::BadRequest(_)
             | ProxyError::BadPath(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::BodyTooLarge { .. }
             | ProxyError::MethodNotAllowed(_) => "client",
         }
     }
@@ -121,6 +138,8 @@ impl ProxyError {
             | ProxyError::Upstream { side, .. } => Some(*side),
             ProxyError::BadRequest(_)
             | ProxyError::BadPath(_)
+            | ProxyError::UriTooLong { .. }
+            | ProxyError::BodyTooLarge { .. }
             | ProxyError::MethodNotAllowed(_) => None,
         }
     }

@@ -7,7 +7,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -142,22 +142,44 @@ fn parse_traceparent(value: &str) -> Option<&str> {
     }
 }
 
-/// `X-Forwarded-For/-Proto/-Host`. ficus does not yet know which peers to trust, so values a
-/// client sent are replaced rather than extended: nothing client-supplied reaches upstreams.
+/// `X-Forwarded-For/-Proto/-Host`. Values sent by a peer outside `--trusted-proxies` are
+/// replaced, so nothing client-supplied reaches upstreams; a trusted proxy's are extended.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
     tls: bool,
     host: Option<&HeaderValue>,
+    trusted: bool,
 ) {
     let client = client.to_canonical().to_string();
-    if let Ok(v) = HeaderValue::from_str(&client) {
+    // From a trusted proxy, the chain so far is kept and this peer appended; from anyone
+    // else, whatever the client wrote is dropped, so it cannot forge an address.
+    let chain = if trusted {
+        let before: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if before.is_empty() {
+            client
+        } else {
+            format!("{}, {client}", before.join(", "))
+        }
+    } else {
+        client
+    };
+    if let Ok(v) = HeaderValue::from_str(&chain) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
+    }
+    if trusted && headers.contains_key(&X_FORWARDED_HOST) {
+        return;
+    }
     match host {
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
         None => headers.remove(&X_FORWARDED_HOST),

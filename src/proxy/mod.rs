@@ -24,7 +24,9 @@ use tracing::{debug, info, warn};
 
 use crate::route::{self, Decision, RequestHead};
 use crate::rules::{RuleSet, Side};
-use crate::shadow::{Admission, AuthorityResult, MirroredHead, RouteContext, Shadower, Ticket};
+use crate::shadow::{
+    Admission, AuthorityResult, MirroredHead, Outcome, RouteContext, Shadower, Ticket,
+};
 use crate::upstream::{Body, BoxError, ClientCache, Defaults, Upstream};
 use body::{Progress, ProgressClock};
 use error::{ProxyError, rescue};
@@ -53,6 +55,8 @@ impl Live {
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer is in `--trusted-proxies`: its `X-Forwarded-*` headers are believed.
+    pub trusted: bool,
 }
 
 /// A fleet-wide emergency override in force on this replica.
@@ -71,6 +75,7 @@ pub struct Proxy {
     clients: Arc<ClientCache>,
     defaults: Defaults,
     shadow: Arc<Shadower>,
+    limits: crate::server::Limits,
 }
 
 impl Proxy {
@@ -79,6 +84,7 @@ impl Proxy {
         clients: Arc<ClientCache>,
         defaults: Defaults,
         shadow: Arc<Shadower>,
+        limits: crate::server::Limits,
     ) -> Proxy {
         let upstreams = clients.upstreams(&rules.upstreams, &defaults);
         Proxy {
@@ -87,7 +93,13 @@ impl Proxy {
             clients,
             defaults,
             shadow,
+            limits,
         }
+    }
+
+    /// The client-facing limits this proxy enforces.
+    pub fn limits(&self) -> &crate::server::Limits {
+        &self.limits
     }
 
     pub fn shadow(&self) -> &Arc<Shadower> {
@@ -160,12 +172,18 @@ impl Proxy {
         let request_id = headers::ensure_request_id(req.headers_mut());
         // One path for matching and forwarding: no spelling of a path can match one route
         // and reach the upstream as a path another route owns.
+        let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target_len > self.limits.max_uri_bytes {
+            let limit = self.limits.max_uri_bytes;
+            return reject(ProxyError::UriTooLong { limit }, &req, &request_id);
+        }
         if let Err(e) = canonicalize(&mut req) {
             return reject(e, &req, &request_id);
         }
         let trace_id = headers::ensure_traceparent(req.headers_mut());
         let upgrade = headers::is_upgrade_request(&req);
-        let head = RequestHead::from_request(&req, conn.peer.ip());
+        let client_ip = self.limits.client_ip(&conn, req.headers());
+        let head = RequestHead::from_request(&req, client_ip);
         let mut decision = route::find(&live.rules, &head);
         // An emergency override beats the rules (and the canary) until it expires.
         let mut shadow_off = false;
@@ -191,6 +209,23 @@ impl Proxy {
         };
         let method = req.method().clone();
         let uri = req.uri().clone();
+        // A body announced over the limit is refused before any upstream sees it; one of
+        // unannounced size is cut off when it passes the limit.
+        let body_limit = route.max_request_body.or(self.limits.max_request_body);
+        if let Some(limit) = body_limit
+            && hyper::body::Body::size_hint(req.body()).lower() > limit
+        {
+            // Every request of a shadowed route still ends in exactly one outcome.
+            match admission {
+                Some(Admission::Mirror(_)) => {
+                    self.shadow.count(&route.name, Outcome::SkippedBodyLimit);
+                }
+                Some(Admission::Skip(outcome)) => self.shadow.count(&route.name, outcome),
+                None => {}
+            }
+            return reject(ProxyError::BodyTooLarge { limit }, &req, &request_id);
+        }
+        let req = req.map(|b| body::Capped::new(b, body_limit));
 
         let result = match admission {
             Some(Admission::Mirror(ticket)) => {
@@ -251,7 +286,7 @@ impl Proxy {
     async fn forward_mirrored(
         &self,
         ticket: Ticket,
-        req: Request<Incoming>,
+        req: Request<body::Capped<Incoming>>,
         live: &Live,
         decision: &Decision<'_>,
         conn: ConnInfo,
@@ -326,7 +361,7 @@ pub(crate) fn upstream_request<B>(
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h, upgrade);
-    headers::set_forwarded(h, conn.peer.ip(), conn.tls, host.as_ref());
+    headers::set_forwarded(h, conn.peer.ip(), conn.tls, host.as_ref(), conn.trusted);
     headers::append_via(h, client_version);
     headers::child_traceparent(h);
     match host {

@@ -40,6 +40,25 @@ pub fn load(path: &Path) -> Result<Loaded, Vec<Diagnostic>> {
     load_with_env(path, &|name| std::env::var(name).ok())
 }
 
+/// Parses `1048576`, `512KiB`, `64MiB` or `1GiB` (rules and command-line sizes).
+pub fn parse_size(raw: &str) -> Result<usize, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("bad size `{raw}`: write e.g. 1048576, 512KiB, 64MiB"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" | "K" | "k" => 10,
+        "MiB" | "M" | "m" => 20,
+        "GiB" | "G" | "g" => 30,
+        other => return Err(format!("bad size unit `{other}`: use KiB, MiB or GiB")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size `{raw}` is too large"))
+}
+
 /// Like [`load`], with the environment given as a function (tests, tools).
 pub fn load_with_env(
     path: &Path,
@@ -633,6 +652,30 @@ impl Builder<'_> {
         }
         let (compare, comparator) = self.compare(map, raw.compare.as_ref());
         let comparator = comparator.filter(|_| shadow.is_some()).map(Arc::new);
+        let max_request_body =
+            raw.max_request_body
+                .as_ref()
+                .and_then(|size| match parse_size(size.get_ref()) {
+                    Ok(n) if n > 0 => Some(n as u64),
+                    Ok(_) => {
+                        self.error(
+                            map,
+                            &size.span(),
+                            "max_request_body must be positive".into(),
+                            None,
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        self.error(
+                            map,
+                            &size.span(),
+                            e,
+                            Some("write e.g. \"10MiB\" or \"512KiB\"".into()),
+                        );
+                        None
+                    }
+                });
 
         if self.errors.len() != errors_before {
             return;
@@ -657,6 +700,7 @@ impl Builder<'_> {
             comparator,
             gate,
             classify: classify.into(),
+            max_request_body,
         });
     }
 

@@ -216,6 +216,8 @@ pub struct Route {
     pub gate: Gate,
     /// `[[route.classify]]` rules, first match wins.
     pub classify: Arc<[ClassifyRule]>,
+    /// Largest request body (bytes); `None`: the global `--max-request-body`.
+    pub max_request_body: Option<u64>,
 }
 
 impl Route {
@@ -247,6 +249,7 @@ impl Route {
             comparator: None,
             gate: Gate::default(),
             classify: Arc::from(Vec::new()),
+            max_request_body: None,
         }
     }
 }

@@ -48,6 +48,8 @@ pub(super) struct RawRoute {
     pub gate: Option<RawGate>,
     #[serde(default)]
     pub classify: Vec<RawClassify>,
+    /// Largest request body, e.g. "10MiB"; more gets 413.
+    pub max_request_body: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

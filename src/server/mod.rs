@@ -21,9 +21,84 @@ use tracing::{debug, info, warn};
 
 use crate::proxy::{ConnInfo, Proxy};
 
-/// Time a client gets to send its request head (slow-loris guard) and to finish a TLS handshake.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a client gets to finish a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one client may take: connections, time, header and body sizes, streams; and which
+/// peers may speak for others in `X-Forwarded-*`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open client connections, all workers together; more are closed at once and counted.
+    pub max_connections: usize,
+    /// Time to send a request head; for HTTP/1.1 also the longest a kept-alive connection may
+    /// sit idle before its next request (slow-loris guard).
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2); more gets 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request; more gets 431.
+    pub max_headers: usize,
+    /// Longest request target (path and query); more gets 414.
+    pub max_uri_bytes: usize,
+    /// Largest request body when the route sets none; more gets 413. `None`: no limit (bodies
+    /// stream, so size costs no memory).
+    pub max_request_body: Option<u64>,
+    /// Concurrent streams per HTTP/2 connection.
+    pub h2_max_streams: u32,
+    /// Peers whose `X-Forwarded-*` headers are kept and extended rather than replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            max_uri_bytes: 8 << 10,
+            max_request_body: None,
+            h2_max_streams: 100,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl Limits {
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address as routing sees it: the peer, or behind trusted proxies the
+    /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+    pub fn client_ip(&self, conn: &ConnInfo, headers: &http::HeaderMap) -> std::net::IpAddr {
+        let peer = conn.peer.ip().to_canonical();
+        if !conn.trusted {
+            return peer;
+        }
+        let chain = headers
+            .get_all(crate::proxy::headers::X_FORWARDED_FOR.clone())
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>();
+        let mut client = peer;
+        for hop in chain.iter().rev() {
+            match hop.parse::<std::net::IpAddr>() {
+                Ok(ip) => {
+                    client = ip.to_canonical();
+                    if !self.trusts(client) {
+                        break;
+                    }
+                }
+                // An entry that is not an address ends what can be believed.
+                Err(_) => break,
+            }
+        }
+        client
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
@@ -70,14 +145,26 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    connections: Arc<tokio::sync::Semaphore>,
 ) {
+    let limits = proxy.limits().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's floor for its read buffer is 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Dead peers are found by PING and their connection closed.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
 
@@ -94,22 +181,36 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => break,
         };
+        // At the connection limit, close at once: a refused connection costs the client one
+        // round trip, a queued one costs it a timeout and us a file descriptor.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            ::metrics::counter!(crate::telemetry::REQUESTS_REJECTED_TOTAL, "reason" => "max_connections")
+                .increment(1);
+            debug!(%peer, "connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             debug!(error = %e, "set_nodelay failed");
         }
         let conn = ConnInfo {
             peer,
             tls: tls.is_some(),
+            trusted: limits.trusts(peer.ip()),
         };
         let proxy = proxy.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         match tls.clone() {
             None => {
-                tokio::spawn(serve_connection(stream, conn, proxy, builder, watcher));
+                tokio::spawn(async move {
+                    serve_connection(stream, conn, proxy, builder, watcher).await;
+                    drop(permit);
+                });
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(stream)) => {
@@ -188,4 +289,66 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
     TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(peer: &str, trusted: bool) -> ConnInfo {
+        ConnInfo {
+            peer: SocketAddr::new(peer.parse().unwrap_or([0, 0, 0, 0].into()), 1234),
+            tls: false,
+            trusted,
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_hop() {
+        let limits = Limits {
+            trusted_proxies: vec![
+                "10.0.0.0/8".parse().unwrap_or_else(|_| unreachable!()),
+                "192.168.1.7/32".parse().unwrap_or_else(|_| unreachable!()),
+            ],
+            ..Limits::default()
+        };
+        let xff = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                "x-forwarded-for",
+                http::HeaderValue::from_str(v).unwrap_or_else(|_| unreachable!()),
+            );
+            h
+        };
+        let ip = |s: &str| {
+            s.parse::<std::net::IpAddr>()
+                .unwrap_or_else(|_| unreachable!())
+        };
+        let lb = conn("10.1.1.1", limits.trusts(ip("10.1.1.1")));
+        assert!(lb.trusted);
+        // A forged entry left of the real client is ignored.
+        assert_eq!(
+            limits.client_ip(&lb, &xff("6.6.6.6, 203.0.113.9, 192.168.1.7")),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            limits.client_ip(&lb, &xff("203.0.113.9")),
+            ip("203.0.113.9")
+        );
+        // Garbage stops the walk at the last address believed.
+        assert_eq!(
+            limits.client_ip(&lb, &xff("203.0.113.9, nonsense")),
+            ip("10.1.1.1")
+        );
+        assert_eq!(
+            limits.client_ip(&lb, &http::HeaderMap::new()),
+            ip("10.1.1.1")
+        );
+        // An untrusted peer's header is never read.
+        let direct = conn("198.51.100.4", false);
+        assert_eq!(
+            limits.client_ip(&direct, &xff("203.0.113.9")),
+            ip("198.51.100.4")
+        );
+    }
 }
