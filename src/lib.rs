@@ -235,7 +235,8 @@ impl Ficus {
         if config.admin_tokens.is_empty() && !admin_addr.ip().is_loopback() {
             warn!(
                 admin = %admin_addr,
-                "the admin API is open to the network without a token: set --admin-token"
+                "the admin API is readable from the network without a token (changes are refused \
+                 from non-loopback peers): set --admin-token"
             );
         }
         let reload_now: admin::Reload = {
@@ -287,6 +288,7 @@ impl Ficus {
             let stop = async move {
                 let _ = admin_shutdown.wait_for(|stop| *stop).await;
             };
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(admin_listener, app)
                 .with_graceful_shutdown(stop)
                 .await

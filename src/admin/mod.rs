@@ -93,8 +93,21 @@ fn store_error(e: &StoreError) -> Response {
 }
 
 /// Bearer-token check for `/api/*`, comparing against every token in constant time.
+/// Without any token configured, reads are open but changes are accepted only from a
+/// loopback peer: an admin port exposed by mistake cannot be used to flip a route.
 async fn auth(State(state): State<Arc<AdminState>>, mut req: Request, next: Next) -> Response {
     if state.tokens.is_empty() {
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        if !open_change_allowed(req.method(), peer) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "token_required",
+                "changes from a non-loopback address need a token: start ficus with --admin-token",
+            );
+        }
         req.extensions_mut().insert(Who("anonymous".into()));
         return next.run(req).await;
     }
@@ -123,6 +136,12 @@ async fn auth(State(state): State<Arc<AdminState>>, mut req: Request, next: Next
             resp
         }
     }
+}
+
+/// Without tokens: reads from anyone (the admin port should still be private), changes only
+/// from loopback. An unknown peer is treated as remote.
+fn open_change_allowed(method: &http::Method, peer: Option<std::net::IpAddr>) -> bool {
+    crate::shadow::is_safe(method) || peer.is_some_and(|ip| ip.to_canonical().is_loopback())
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -1190,5 +1209,23 @@ async fn reload(State(state): State<Arc<AdminState>>) -> Response {
             "reload_failed",
             e.to_string(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_tokens_only_loopback_may_change_anything() {
+        let local = Some(std::net::IpAddr::from([127, 0, 0, 1]));
+        let mapped = "::ffff:127.0.0.1".parse().ok();
+        let remote = Some(std::net::IpAddr::from([10, 0, 0, 5]));
+        assert!(open_change_allowed(&http::Method::GET, remote));
+        assert!(open_change_allowed(&http::Method::POST, local));
+        assert!(open_change_allowed(&http::Method::PATCH, mapped));
+        assert!(!open_change_allowed(&http::Method::POST, remote));
+        assert!(!open_change_allowed(&http::Method::DELETE, remote));
+        assert!(!open_change_allowed(&http::Method::PATCH, None));
     }
 }

@@ -98,7 +98,35 @@ impl Backend {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<RespBody>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve_at("127.0.0.1:0".parse().unwrap(), name, handler, tls).await
+    }
+
+    /// [`Backend::start`] on a given address (an upstream that comes back on its old port).
+    pub async fn start_at(addr: SocketAddr, name: &str) -> Backend {
+        let n = name.to_string();
+        Self::serve_at(
+            addr,
+            name,
+            move |req| {
+                let resp = named_response(&n, &req);
+                async move { resp }
+            },
+            None,
+        )
+        .await
+    }
+
+    pub async fn serve_at<F, Fut>(
+        bind: SocketAddr,
+        name: &str,
+        handler: F,
+        tls: Option<TlsAcceptor>,
+    ) -> Backend
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<RespBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let handler: Handler = Arc::new(move |req| Box::pin(handler(req)));
