@@ -156,6 +156,14 @@ fn rejects_bad_values_with_hints() {
             "must be http://",
         ),
         ("[[route]]\nname = \"default\"\n", "built-in route"),
+        (
+            "[[route]]\nname = \"a\"\nmax_request_body = \"10 parsecs\"\n",
+            "r.toml:3:20: error: bad size unit",
+        ),
+        (
+            "[[route]]\nname = \"a\"\nmax_request_body = \"0\"\n",
+            "max_request_body must be positive",
+        ),
         ("[[route]]\nname = \"a b\"\n", "bad route name"),
         (
             "[[route]]\nname = \"a\"\n[route.match]\npath = \"/a\"\npath_prefix = \"/b\"\n",
@@ -365,4 +373,22 @@ fn symlink_loops_in_the_rules_directory_terminate() {
     std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).unwrap();
     let files = rule_files(dir.path()).unwrap();
     assert_eq!(files.len(), 1, "{files:?}");
+}
+
+#[test]
+fn max_request_body_is_parsed_per_route() {
+    let loaded = load_one(
+        "[[route]]\nname = \"a\"\nmax_request_body = \"10MiB\"\n[[route]]\nname = \"b\"\n",
+    )
+    .expect("valid");
+    let by_name = |n: &str| {
+        loaded
+            .rules
+            .routes
+            .iter()
+            .find(|r| &*r.name == n)
+            .map(|r| r.max_request_body)
+    };
+    assert_eq!(by_name("a"), Some(Some(10 << 20)));
+    assert_eq!(by_name("b"), Some(None));
 }
