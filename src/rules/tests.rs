@@ -392,3 +392,46 @@ fn max_request_body_is_parsed_per_route() {
     assert_eq!(by_name("a"), Some(Some(10 << 20)));
     assert_eq!(by_name("b"), Some(None));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Fragments of real rules, shuffled: mostly-valid TOML reaches deep into validation.
+    fn fragments() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("[[route]]\n".to_string()),
+            Just("name = \"r\"\n".to_string()),
+            Just("name = \"r2\"\n".to_string()),
+            Just("priority = -3\n".to_string()),
+            Just("authority = \"new\"\n".to_string()),
+            Just("[route.match]\n".to_string()),
+            Just("path = \"/a/{id}/**\"\n".to_string()),
+            Just("path_prefix = \"/api/\"\n".to_string()),
+            Just("methods = [\"GET\", \"POST\"]\n".to_string()),
+            Just("host = \"*.example.com\"\n".to_string()),
+            Just("[route.canary]\npercent = 20\nkey = \"header:x-user\"\n".to_string()),
+            Just("[route.shadow]\nsample = 0.5\n".to_string()),
+            Just("[route.compare]\nignore = [\"/meta/**\"]\n".to_string()),
+            Just("max_request_body = \"1MiB\"\n".to_string()),
+            Just("[upstreams]\nx = \"http://h:1\"\n".to_string()),
+            "[ -~\n]{0,20}",
+        ];
+        prop::collection::vec(piece, 0..12).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_gives_rules_or_located_errors_never_a_panic(text in fragments()) {
+            match load_one(&text) {
+                Ok(_) => {}
+                Err(errors) => {
+                    prop_assert!(!errors.is_empty());
+                    for e in errors {
+                        prop_assert!(e.to_string().starts_with("r.toml:"), "{}", e);
+                    }
+                }
+            }
+        }
+    }
+}
