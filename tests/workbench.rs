@@ -185,6 +185,52 @@ async fn record(proxy: &TestProxy, id: &str) -> Value {
         .unwrap()
 }
 
+/// The page's curl command, for a request full of shell syntax, run by `sh` with a `curl` that
+/// prints its arguments: each one arrives exactly as recorded, and nothing is expanded or run.
+async fn hostile_values_reach_curl_literally(c: &Client) {
+    let method = "GET;echo${IFS}injected|$(echo injected)`echo injected`&";
+    let host = "127.0.0.1:1'$(echo injected)";
+    let path = "/a b/'$(echo injected)'/[1-2]";
+    let query = "q=`echo injected`&r={a,b}";
+    let header = "it's $(echo injected) `echo injected` | & ; \"x\" \\ '' $HOME";
+    let body = "{\"a\": \"'; $(echo injected) '\\''\"}";
+    let request = json!({
+        "method": method, "path": path, "query": query, "body": body,
+        "headers": [["Host", host], ["X-Note", header]],
+    });
+    let command: Value = c
+        .execute(
+            "return curlCommand({request: arguments[0]});",
+            vec![request],
+        )
+        .await
+        .unwrap();
+    let script = format!(
+        "curl() {{ printf '%s\\n' \"$@\"; }}\n{}",
+        command.as_str().unwrap()
+    );
+    let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{command}: {out:?}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let url = format!("http://{host}{path}?{query}");
+    let note = format!("X-Note: {header}");
+    assert_eq!(
+        printed.lines().collect::<Vec<_>>(),
+        [
+            "-sS",
+            "--globoff",
+            "-X",
+            method,
+            &url,
+            "-H",
+            &note,
+            "--data-raw",
+            body
+        ],
+        "{command}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_works_through_a_divergence_in_the_browser() {
     let fixed = Arc::new(AtomicBool::new(false));
@@ -286,12 +332,13 @@ async fn a_person_works_through_a_divergence_in_the_browser() {
         .unwrap()
         .unwrap();
     assert!(
-        curl.starts_with("curl -sS -X GET 'http://127.0.0.1:"),
+        curl.starts_with("curl -sS --globoff -X 'GET' 'http://127.0.0.1:"),
         "{curl}"
     );
     let out = Command::new("sh").arg("-c").arg(&curl).output().unwrap();
     let body: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(body["total"], json!(10.5), "the authority answered");
+    hostile_values_reach_curl_literally(&c).await;
 
     // Classify it, with a note.
     c.find(Locator::Css("#edit-class"))

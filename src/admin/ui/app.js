@@ -531,12 +531,19 @@ function describe(d) {
   return [h('strong', {}, d.kind || 'difference'), ' ', JSON.stringify(d)];
 }
 
-/** A shell-quoted curl command that sends the recorded request again, through ficus. */
+/** POSIX single quotes: nothing inside is special to the shell; a quote becomes '\''. */
+function shellQuote(s) {
+  return "'" + String(s).replace(/'/g, "'\\''") + "'";
+}
+
+/** A curl command that sends the recorded request again, through ficus. Every recorded part
+ *  (method, URL with the recorded Host, headers, body) came from a client, so every one is
+ *  quoted; --globoff keeps curl from expanding [] and {} in the path. */
 function curlCommand(r) {
-  const q = (s) => "'" + String(s).replace(/'/g, "'\\''") + "'";
+  const q = shellQuote;
   const host = (r.request.headers.find(([n]) => n.toLowerCase() === 'host') || [])[1] || location.hostname;
   const url = 'http://' + host + r.request.path + (r.request.query ? '?' + r.request.query : '');
-  const parts = ['curl', '-sS', '-X', r.request.method, q(url)];
+  const parts = ['curl', '-sS', '--globoff', '-X', q(r.request.method), q(url)];
   const skip = ['host', 'content-length', 'connection', 'transfer-encoding'];
   for (const [n, v] of r.request.headers) {
     if (skip.includes(n.toLowerCase()) || v === '[redacted]') continue;
