@@ -670,33 +670,212 @@ paths = ["/meta/**"]
     );
 }
 
+/// A UUIDv7-shaped id at `ms` (Unix ms), unique by `n`: a record's time is read from its id.
+fn id_at(ms: u64, n: u16) -> String {
+    let t = format!("{ms:012x}");
+    format!("{}-{}-7000-8000-{n:012x}", &t[..8], &t[8..])
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// A copy of `r` stored under a new id at `ms`, changed by `edit`.
+async fn put_copy(
+    proxy: &TestProxy,
+    r: &ficus::record::Record,
+    ms: u64,
+    n: u16,
+    edit: impl FnOnce(&mut ficus::record::Record),
+) -> String {
+    let mut copy = r.clone();
+    copy.id = id_at(ms, n);
+    copy.at = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+    )
+    .to_string();
+    edit(&mut copy);
+    proxy.ficus.store().put(&[copy.clone()]).await.unwrap();
+    copy.id
+}
+
 #[tokio::test]
-async fn a_group_replays_a_bounded_sample() {
-    let (_l, _n, proxy) = setup(&[]).await;
+async fn a_group_replay_reports_each_record_and_counts_only_real_replays() {
+    let (legacy, _n, proxy) = setup(&[]).await;
     let c = client();
-    let groups: Value = c
-        .get(proxy.admin_url("/api/groups?route=orders"))
+    let records = proxy.records().await;
+    let orders: Vec<_> = records.iter().filter(|r| r.route == "orders").collect();
+    let fp = orders[0].fingerprint.clone();
+    // One record already resolved; in the same group, a POST (fingerprints ignore the method)
+    // and one whose route has left the rules.
+    let resolved = orders[2].id.clone();
+    c.patch(proxy.admin_url(&format!("/api/divergences/{resolved}")))
+        .json(&json!({"state": "resolved"}))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
-    let fp = groups["items"][0]["fingerprint"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let answer: Value = c
-        .post(proxy.admin_url(&format!("/api/groups/{fp}/replay?sample=2")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let now = now_ms();
+    let post = put_copy(&proxy, orders[0], now, 1, |r| {
+        r.request.method = "POST".into()
+    })
+    .await;
+    let gone = put_copy(&proxy, orders[0], now, 2, |r| r.route = "gone".into()).await;
+    let replay = |query: &'static str| {
+        let c = c.clone();
+        let url = proxy.admin_url(&format!("/api/groups/{fp}/replay{query}"));
+        async move {
+            let resp = c.post(url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let outcome = |answer: &Value, id: &str| {
+        answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+
+    // By default: every record not resolved; the write is skipped, the lost route fails with
+    // its reason, and only the two real replays count as replayed.
+    let before = legacy.count();
+    let answer = replay("?sample=20").await;
+    assert_eq!(answer["results"].as_array().unwrap().len(), 4, "{answer}");
     assert_eq!(answer["replayed"], 2, "{answer}");
     assert_eq!(answer["matched"], 0, "the backends still disagree");
-    assert_eq!(answer["results"][0]["match"], false);
+    assert_eq!(answer["still_diverged"], 2);
+    assert_eq!(answer["failed"], 1);
+    assert_eq!(answer["skipped_writes"], 1);
+    assert_eq!(outcome(&answer, &post)["outcome"], "skipped_write");
+    let failed = outcome(&answer, &gone);
+    assert_eq!(failed["outcome"], "failed");
+    assert_eq!(failed["error"], "unreplayable");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("no longer in the rules"),
+        "{failed}"
+    );
+    assert_eq!(
+        outcome(&answer, &resolved),
+        Value::Null,
+        "resolved ones are left alone"
+    );
+    assert_eq!(
+        legacy.count(),
+        before + 2,
+        "only the two GETs reached the backends"
+    );
+
+    // With allow_writes the POST goes too.
+    let answer = replay("?sample=20&allow_writes=true").await;
+    assert_eq!(
+        (
+            &answer["replayed"],
+            &answer["skipped_writes"],
+            &answer["failed"]
+        ),
+        (&json!(3), &json!(0), &json!(1)),
+        "{answer}"
+    );
+    assert_eq!(outcome(&answer, &post)["outcome"], "still_diverges");
+    assert!(
+        legacy.seen().iter().any(|s| s.method == http::Method::POST),
+        "the write reached legacy"
+    );
+
+    // `state` picks the records instead; `sample` bounds them.
+    let answer = replay("?state=resolved").await;
+    assert_eq!(answer["results"].as_array().unwrap().len(), 1);
+    assert_eq!(answer["results"][0]["id"], resolved.as_str());
+    let answer = replay("?sample=1").await;
+    assert_eq!(answer["results"].as_array().unwrap().len(), 1);
+    let answer = replay("?state=expected").await;
+    assert_eq!(
+        (&answer["replayed"], &answer["results"]),
+        (&json!(0), &json!([]))
+    );
+
+    let missing = c
+        .post(proxy.admin_url("/api/groups/0000/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let bad = c
+        .post(proxy.admin_url(&format!("/api/groups/{fp}/replay?state=done")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn groups_filter_by_class_and_time() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let c = client();
+    let get = |query: String| {
+        let c = c.clone();
+        let url = proxy.admin_url(&format!("/api/groups{query}"));
+        async move { c.get(url).send().await.unwrap() }
+    };
+    let count = |answer: Value| -> Vec<u64> {
+        answer["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["count"].as_u64().unwrap())
+            .collect()
+    };
+    let records = proxy.records().await;
+    let order = records.iter().find(|r| r.route == "orders").unwrap();
+    // One more of the orders group, three hours old, classified.
+    let old = now_ms() - 3 * 3_600_000;
+    put_copy(&proxy, order, old, 1, |r| {
+        r.class = Some("legacy-bug".into())
+    })
+    .await;
+
+    let all: Value = get("?route=orders".into()).await.json().await.unwrap();
+    assert_eq!(count(all.clone()), [4]);
+    assert_eq!(all["items"][0]["methods"], json!({"GET": 4}));
+    let hour_ago = now_ms() - 3_600_000;
+    let recent = get(format!("?route=orders&since={hour_ago}")).await;
+    assert_eq!(count(recent.json().await.unwrap()), [3]);
+    let rfc3339 = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(hour_ago),
+    );
+    let older = get(format!("?route=orders&until={rfc3339}")).await;
+    assert_eq!(count(older.json().await.unwrap()), [1]);
+    let classed = get("?class=legacy-bug".into()).await;
+    assert_eq!(count(classed.json().await.unwrap()), [1]);
+    assert_eq!(
+        count(get("?class=defect".into()).await.json().await.unwrap()),
+        Vec::<u64>::new()
+    );
+    // Without a route: both groups, narrowed by time as well.
+    let both: Value = get(format!("?since={hour_ago}&state=open"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(count(both), [3, 2]);
+
+    let bad = get("?since=yesterday".into()).await;
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.json::<Value>().await.unwrap()["error"], "bad_time");
+    let unknown = get("?colour=red".into()).await;
+    assert_eq!(unknown.status(), 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

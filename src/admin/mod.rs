@@ -262,6 +262,26 @@ fn time_ms(raw: &str) -> Option<u64> {
     })
 }
 
+/// Optional `since` and `until` parameters as Unix ms; a 400 response when one is neither
+/// RFC 3339 nor Unix milliseconds.
+#[allow(clippy::result_large_err)]
+fn time_bounds(
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<(Option<u64>, Option<u64>), Response> {
+    let parse = |raw: Option<&str>| match raw {
+        None => Ok(None),
+        Some(raw) => time_ms(raw).map(Some).ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_time",
+                format!("`{raw}` is neither RFC 3339 nor Unix milliseconds"),
+            )
+        }),
+    };
+    Ok((parse(since)?, parse(until)?))
+}
+
 async fn list(
     State(state): State<Arc<AdminState>>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -277,28 +297,17 @@ async fn list(
         Ok(s) => s,
         Err(resp) => return resp,
     };
-    let mut bounds = [None, None];
-    for (slot, raw) in bounds.iter_mut().zip([&q.since, &q.until]) {
-        if let Some(raw) = raw {
-            match time_ms(raw) {
-                Some(ms) => *slot = Some(ms),
-                None => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_time",
-                        format!("`{raw}` is neither RFC 3339 nor Unix milliseconds"),
-                    );
-                }
-            }
-        }
-    }
+    let (since_ms, until_ms) = match time_bounds(q.since.as_deref(), q.until.as_deref()) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let filter = Filter {
         route: q.route,
         state: record_state,
         class: q.class,
         fingerprint: q.fingerprint,
-        since_ms: bounds[0],
-        until_ms: bounds[1],
+        since_ms,
+        until_ms,
         limit: q.limit.unwrap_or(0),
         cursor: q.cursor,
     };
@@ -385,26 +394,58 @@ async fn replay(
     };
     match replay_record(&state, &who, record, q.allow_writes.unwrap_or(false)).await {
         Ok(answer) => Json(answer).into_response(),
-        Err(resp) => resp,
+        Err(refusal) => refusal.into_response(),
     }
 }
 
-/// Replays one record; the answer or the error response.
+/// Why a record was not replayed: the status, a stable code and a sentence. One record's
+/// refusal is the whole answer of a single replay, and one line of a group replay.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn store(e: &StoreError) -> Refusal {
+        Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.status, self.code, self.message)
+    }
+}
+
+/// Replays one record; the answer, or why it could not be replayed.
 async fn replay_record(
     state: &AdminState,
     who: &Who,
     mut record: crate::record::Record,
     allow_writes: bool,
-) -> Result<Value, Response> {
+) -> Result<Value, Refusal> {
     let Ok(method) = http::Method::from_bytes(record.request.method.as_bytes()) else {
-        return Err(error(
+        return Err(Refusal::new(
             StatusCode::CONFLICT,
             "unreplayable",
             "the recorded method is not valid",
         ));
     };
     if !crate::shadow::is_safe(&method) && !allow_writes {
-        return Err(error(
+        return Err(Refusal::new(
             StatusCode::CONFLICT,
             "unsafe_method",
             format!(
@@ -415,7 +456,7 @@ async fn replay_record(
     if record.request.body.body_truncated
         || (record.request.body.body.is_none() && record.request.body.body_len > 0)
     {
-        return Err(error(
+        return Err(Refusal::new(
             StatusCode::CONFLICT,
             "unreplayable",
             "the recorded request body is incomplete (cut at the record body limit, or not text)",
@@ -423,7 +464,7 @@ async fn replay_record(
     }
     let live = state.proxy.live();
     let Some(route) = live.rules.route_by_name(&record.route) else {
-        return Err(error(
+        return Err(Refusal::new(
             StatusCode::CONFLICT,
             "unreplayable",
             format!("route `{}` is no longer in the rules", record.route),
@@ -442,7 +483,7 @@ async fn replay_record(
         *req.uri_mut() = match target.parse() {
             Ok(uri) => uri,
             Err(_) => {
-                return Err(error(
+                return Err(Refusal::new(
                     StatusCode::CONFLICT,
                     "unreplayable",
                     "the recorded path is not a valid URI",
@@ -470,7 +511,13 @@ async fn replay_record(
         };
         let req = match crate::proxy::upstream_request(req, upstream, conn, false) {
             Ok(r) => r,
-            Err(e) => return Err(error(StatusCode::CONFLICT, "unreplayable", e.to_string())),
+            Err(e) => {
+                return Err(Refusal::new(
+                    StatusCode::CONFLICT,
+                    "unreplayable",
+                    e.to_string(),
+                ));
+            }
         };
         let call = async {
             let resp = upstream
@@ -489,14 +536,14 @@ async fn replay_record(
         match tokio::time::timeout(upstream.timeout, call).await {
             Ok(Ok(answer)) => answers.push(answer),
             Ok(Err(e)) => {
-                return Err(error(
+                return Err(Refusal::new(
                     StatusCode::BAD_GATEWAY,
                     "replay_failed",
                     format!("{}: {e}", upstream.name),
                 ));
             }
             Err(_) => {
-                return Err(error(
+                return Err(Refusal::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "replay_timeout",
                     format!("{} did not answer in time", upstream.name),
@@ -507,7 +554,7 @@ async fn replay_record(
     let (new, legacy) = match (answers.pop(), answers.pop()) {
         (Some(n), Some(l)) => (n, l),
         _ => {
-            return Err(error(
+            return Err(Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "replay_failed",
                 "missing answer",
@@ -531,7 +578,7 @@ async fn replay_record(
         what,
     });
     if let Err(e) = state.store.update(&record).await {
-        return Err(store_error(&e));
+        return Err(Refusal::store(&e));
     }
     Ok(json!({
         "match": matched,
@@ -736,6 +783,9 @@ async fn scan(
 struct GroupQuery {
     route: Option<String>,
     state: Option<String>,
+    class: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
 }
 
 /// Divergences grouped by fingerprint: one root cause per group.
@@ -747,16 +797,23 @@ async fn groups(
         return error(
             StatusCode::BAD_REQUEST,
             "bad_query",
-            "known parameters: route, state",
+            "known parameters: route, state, class, since, until",
         );
     };
     let record_state = match parse_state(q.state.as_deref()) {
         Ok(s) => s,
         Err(resp) => return resp,
     };
+    let (since_ms, until_ms) = match time_bounds(q.since.as_deref(), q.until.as_deref()) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let filter = Filter {
         route: q.route,
         state: record_state,
+        class: q.class,
+        since_ms,
+        until_ms,
         ..Filter::default()
     };
     let (records, truncated) = match scan(&*state.store, filter).await {
@@ -779,6 +836,7 @@ async fn groups(
                 "example": r.id,
                 "states": {},
                 "classes": {},
+                "methods": {},
             })
         });
         g["count"] = json!(g["count"].as_u64().unwrap_or(0) + 1);
@@ -788,6 +846,9 @@ async fn groups(
         if let Some(class) = &r.class {
             g["classes"][class] = json!(g["classes"][class].as_u64().unwrap_or(0) + 1);
         }
+        // A fingerprint ignores the method: the page needs them to know a replay would write.
+        let m = &r.request.method;
+        g["methods"][m] = json!(g["methods"][m].as_u64().unwrap_or(0) + 1);
     }
     let mut items: Vec<Value> = order
         .into_iter()
@@ -864,9 +925,13 @@ async fn patch_group(
 struct GroupReplayQuery {
     sample: Option<usize>,
     allow_writes: Option<bool>,
+    state: Option<String>,
 }
 
-/// Replays a bounded sample of a group (its newest records; default 5, at most 20).
+/// Replays a bounded sample of a group: its newest records that are not resolved, or with
+/// `?state=` those in that state (default 5, at most 20). Each record's outcome is reported
+/// on its own, so a refusal or an upstream failure is never counted as replayed; records
+/// with a non-safe method are skipped unless `allow_writes` is set.
 async fn replay_group(
     State(state): State<Arc<AdminState>>,
     Extension(who): Extension<Who>,
@@ -877,44 +942,112 @@ async fn replay_group(
         return error(
             StatusCode::BAD_REQUEST,
             "bad_query",
-            "known parameters: sample, allow_writes",
+            "known parameters: sample, allow_writes, state",
         );
     };
-    let filter = Filter {
-        fingerprint: Some(fingerprint.clone()),
-        limit: q.sample.unwrap_or(5).clamp(1, 20),
-        ..Filter::default()
+    let only = match parse_state(q.state.as_deref()) {
+        Ok(s) => s,
+        Err(resp) => return resp,
     };
-    let records = match state.store.list(&filter).await {
-        Ok(page) => page.items,
+    let sample = q.sample.unwrap_or(5).clamp(1, 20);
+    let records = match group_sample(&*state.store, &fingerprint, only, sample).await {
+        Ok(r) => r,
         Err(e) => return store_error(&e),
     };
     if records.is_empty() {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no divergences with fingerprint `{fingerprint}`"),
-        );
+        let any = Filter {
+            fingerprint: Some(fingerprint.clone()),
+            ..Filter::default()
+        };
+        match state.store.count(&any).await {
+            Ok(0) => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no divergences with fingerprint `{fingerprint}`"),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => return store_error(&e),
+        }
     }
-    let mut results = Vec::new();
-    let mut matched = 0;
+    let allow_writes = q.allow_writes.unwrap_or(false);
+    let mut results = Vec::with_capacity(records.len());
+    let [mut matched, mut diverged, mut failed, mut skipped] = [0u64; 4];
     for record in records {
         let id = record.id.clone();
-        match replay_record(&state, &who, record, q.allow_writes.unwrap_or(false)).await {
-            Ok(answer) => {
-                matched += usize::from(answer["match"] == true);
-                results.push(json!({"id": id, "match": answer["match"]}));
+        let method = record.request.method.clone();
+        let write =
+            http::Method::from_bytes(method.as_bytes()).is_ok_and(|m| !crate::shadow::is_safe(&m));
+        if write && !allow_writes {
+            skipped += 1;
+            results.push(json!({"id": id, "method": method, "outcome": "skipped_write"}));
+            continue;
+        }
+        match replay_record(&state, &who, record, true).await {
+            Ok(answer) if answer["match"] == true => {
+                matched += 1;
+                results
+                    .push(json!({"id": id, "method": method, "outcome": "matched", "match": true}));
             }
-            Err(resp) => results.push(json!({"id": id, "error": resp.status().as_u16()})),
+            Ok(answer) => {
+                diverged += 1;
+                let differences = answer["diffs"].as_array().map_or(0, Vec::len);
+                results.push(
+                    json!({"id": id, "method": method, "outcome": "still_diverges",
+                    "match": false, "differences": differences}),
+                );
+            }
+            Err(refusal) => {
+                failed += 1;
+                results.push(json!({"id": id, "method": method, "outcome": "failed",
+                    "status": refusal.status.as_u16(), "error": refusal.code,
+                    "message": refusal.message}));
+            }
         }
     }
     Json(json!({
         "fingerprint": fingerprint,
-        "replayed": results.len(),
+        "replayed": matched + diverged,
         "matched": matched,
+        "still_diverged": diverged,
+        "failed": failed,
+        "skipped_writes": skipped,
         "results": results,
     }))
     .into_response()
+}
+
+/// The newest `n` records of a group in state `only`, or that are not resolved when `only` is
+/// `None` (the store filters on one state at most, so those are picked here, page by page).
+async fn group_sample(
+    store: &dyn Store,
+    fingerprint: &str,
+    only: Option<RecordState>,
+    n: usize,
+) -> Result<Vec<crate::record::Record>, StoreError> {
+    const PAGE: usize = 100;
+    let mut filter = Filter {
+        fingerprint: Some(fingerprint.to_string()),
+        state: only,
+        limit: PAGE,
+        ..Filter::default()
+    };
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..GROUP_SCAN_LIMIT / PAGE {
+        let page = store.list(&filter).await?;
+        out.extend(
+            page.items
+                .into_iter()
+                .filter(|r| only.is_some() || r.state != RecordState::Resolved),
+        );
+        match page.next {
+            Some(next) if out.len() < n => filter.cursor = Some(next),
+            _ => break,
+        }
+    }
+    out.truncate(n);
+    Ok(out)
 }
 
 async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
