@@ -95,9 +95,66 @@ pub fn verdict(e: &Evidence, gate: &Gate) -> Verdict {
     }
 }
 
+/// One hour of a route's divergence chart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Hour {
+    /// The hour's start, Unix ms.
+    pub hour_ms: u64,
+    pub comparisons: u64,
+    pub divergences: u64,
+    /// Records of that hour that people marked `expected`.
+    pub expected: u64,
+    /// Divergences counted against the gate, as in the verdict: `divergences - expected`.
+    pub counted: u64,
+}
+
+/// A route's hourly counters (Unix hour, counts) joined with the times (Unix ms) of its
+/// records marked `expected`, so that the chart subtracts them hour by hour as the verdict does
+/// over the window. Expected records of an hour without counters are left out with it.
+pub fn hours(counts: &[(u64, crate::store::Counts)], expected_at_ms: &[u64]) -> Vec<Hour> {
+    let mut expected: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    for &at in expected_at_ms {
+        *expected.entry(crate::store::hour_of(at)).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|&(hour, c)| {
+            let expected = expected.get(&hour).copied().unwrap_or(0);
+            Hour {
+                hour_ms: hour * 3_600_000,
+                comparisons: c.comparisons,
+                divergences: c.divergences,
+                expected,
+                counted: c.divergences.saturating_sub(expected),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chart_subtracts_expected_records_in_their_own_hour() {
+        let counts = |comparisons, divergences| crate::store::Counts {
+            comparisons,
+            divergences,
+        };
+        let (h1, h2) = (480_000, 480_001);
+        let ms = |hour: u64, min: u64| hour * 3_600_000 + min * 60_000;
+        // Two expected in the first hour, one in an hour with no counters (left out), and more
+        // expected than divergences in the second (counted never goes below zero).
+        let expected = [ms(h1, 5), ms(h1, 59), ms(h1 - 3, 0), ms(h2, 1), ms(h2, 2)];
+        let got = hours(&[(h1, counts(10, 3)), (h2, counts(4, 1))], &expected);
+        assert_eq!(
+            got.iter()
+                .map(|h| (h.hour_ms, h.expected, h.counted))
+                .collect::<Vec<_>>(),
+            [(ms(h1, 0), 2, 1), (ms(h2, 0), 2, 0)]
+        );
+        assert_eq!((got[0].comparisons, got[0].divergences), (10, 3));
+    }
 
     fn gate() -> Gate {
         Gate::default()

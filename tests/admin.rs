@@ -358,6 +358,37 @@ path_prefix = "/sparse/"
     let sparse = route("sparse");
     assert_eq!(sparse["verdict"], "insufficient-data");
     assert_eq!(sparse["gate"]["min_samples"], 1000);
+
+    // Records marked expected leave the rate, and the hourly history, alike.
+    for r in records.iter().filter(|r| r.route == "sparse").take(2) {
+        c.patch(proxy.admin_url(&format!("/api/divergences/{}", r.id)))
+            .json(&json!({"state": "expected"}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let report: Value = c
+        .get(proxy.admin_url("/api/report"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sparse = report["routes"][2].clone();
+    assert_eq!(sparse["route"], "sparse");
+    assert!((sparse["divergence_rate"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9);
+    let sum = |field: &str| -> u64 {
+        sparse["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h[field].as_u64().unwrap())
+            .sum()
+    };
+    let history = ["comparisons", "divergences", "expected", "counted"].map(sum);
+    assert_eq!(history, [3, 3, 2, 1], "{sparse}");
+    assert_eq!(sparse["history_truncated"], false);
 }
 
 #[tokio::test]

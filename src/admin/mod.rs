@@ -636,12 +636,20 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
                 ..route_filter(Some(RecordState::Open))
             })
             .await?;
-            let history = store
-                .hourly(
-                    &name,
-                    crate::store::hour_of(now).saturating_sub(HISTORY_HOURS - 1),
-                )
-                .await?;
+            let first_hour = crate::store::hour_of(now).saturating_sub(HISTORY_HOURS - 1);
+            let hourly = store.hourly(&name, first_hour).await?;
+            // The chart subtracts expected records hour by hour, as the rate does over the
+            // window; their hour is read from the records themselves (bounded scan).
+            let (marked, truncated) = scan(
+                &**store,
+                Filter {
+                    since_ms: Some(first_hour * 3_600_000),
+                    ..route_filter(Some(RecordState::Expected))
+                },
+            )
+            .await?;
+            let at: Vec<u64> = marked.iter().map(crate::record::Record::at_ms).collect();
+            let history = (crate::report::hours(&hourly, &at), truncated);
             Ok::<_, StoreError>((total, window, by_state, expected, open_defects, history))
         };
         let (total, window, by_state, expected, open_defects, history) = match gathered.await {
@@ -684,11 +692,8 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
             "divergence_rate": verdict.divergence_rate,
             "divergence_rate_upper_95": verdict.divergence_rate_upper_95,
             "noisy_fields": noisy,
-            "history": history.iter().map(|(hour, c)| json!({
-                "hour_ms": hour * 3_600_000,
-                "comparisons": c.comparisons,
-                "divergences": c.divergences,
-            })).collect::<Vec<_>>(),
+            "history": history.0,
+            "history_truncated": history.1,
             "latency_ms": {
                 "legacy": {"p50": stats.latency_ms.legacy.0, "p99": stats.latency_ms.legacy.1},
                 "new": {"p50": stats.latency_ms.new.0, "p99": stats.latency_ms.new.1},
