@@ -1,7 +1,8 @@
 //! End to end in a real browser: Debian's chromium, driven through chromedriver (WebDriver),
 //! opens the workbench served by a real ficus in front of real loopback backends, and works
 //! through a divergence the way a person would: routes, groups, the highlighted field,
-//! classification, replay after the backend is fixed. Each main view is saved as a screenshot
+//! classification, replay after the backend is fixed, filters by time, a group replayed in
+//! bulk, and the keyboard alone. Each main view is saved as a screenshot
 //! (under `target/workbench-screenshots/`, or `docs/screenshots/` with
 //! `FICUS_UPDATE_SCREENSHOTS=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
@@ -231,6 +232,51 @@ async fn hostile_values_reach_curl_literally(c: &Client) {
     );
 }
 
+/// Presses Tab, from where the focus is, until `css` has it (a bounded number of times); the
+/// focus ring must show. Returns nothing: the caller presses Enter.
+async fn tab_to(c: &Client, css: &str) {
+    for _ in 0..60 {
+        let focused: Value = c
+            .execute(
+                "const a = document.activeElement;
+                 return [a.matches(arguments[0]), a.matches(':focus-visible')];",
+                vec![json!(css)],
+            )
+            .await
+            .unwrap();
+        if focused[0] == json!(true) {
+            assert_eq!(focused[1], json!(true), "the focus ring shows on `{css}`");
+            return;
+        }
+        c.active_element()
+            .await
+            .unwrap()
+            .send_keys(TAB)
+            .await
+            .unwrap();
+    }
+    panic!("Tab never reached `{css}`");
+}
+
+const TAB: &str = "\u{e004}";
+const ENTER: &str = "\u{e007}";
+
+/// Stores a copy of `r`, `hours` old: a record's time is read from its (UUIDv7) id.
+async fn put_old_copy(proxy: &TestProxy, r: &ficus::record::Record, hours: u64) -> String {
+    let now = std::time::SystemTime::now();
+    let at = now - Duration::from_secs(hours * 3600);
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let t = format!("{ms:012x}");
+    let mut copy = r.clone();
+    copy.id = format!("{}-{}-7000-8000-000000000001", &t[..8], &t[8..]);
+    copy.at = humantime::format_rfc3339_millis(at).to_string();
+    proxy.ficus.store().put(&[copy.clone()]).await.unwrap();
+    copy.id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_works_through_a_divergence_in_the_browser() {
     let fixed = Arc::new(AtomicBool::new(false));
@@ -407,6 +453,44 @@ async fn a_person_works_through_a_divergence_in_the_browser() {
     wait_text(&c, "main", "No divergences match these filters.").await;
     assert_eq!(record(&proxy, &id).await["state"], "resolved");
 
+    // The rate and the chart agree: of five comparisons (four, and the curl run's), the four
+    // marked expected count in neither; the resolved one still does.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let report: Value = http
+                .get(proxy.admin_url("/api/report"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            report["routes"][0]["comparisons"]["window"] == 5
+        })
+        .await
+    );
+    c.goto(&proxy.admin_url("/ui/#/routes")).await.unwrap();
+    wait_text(&c, "#routes tr[data-route=\"orders\"] td.rate", "20.00%").await;
+    let chart: Value = c
+        .execute(
+            "const svg = document.querySelector('#routes tr[data-route=\"orders\"] svg.spark');
+             const sum = (a) => [...svg.querySelectorAll('rect')]
+               .reduce((n, r) => n + Number(r.getAttribute(a)), 0);
+             return [sum('data-counted'), sum('data-comparisons'), svg.getAttribute('aria-label')];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(chart[0], json!(1), "{chart}");
+    assert_eq!(chart[1], json!(5), "{chart}");
+    assert!(
+        chart[2]
+            .as_str()
+            .unwrap()
+            .contains("not counting those marked expected"),
+        "{chart}"
+    );
+
     // Narrow screens: the two sides stack instead of squeezing.
     c.set_window_size(420, 900).await.unwrap();
     c.goto(&proxy.admin_url(&format!("/ui/#/divergence/{id}")))
@@ -547,5 +631,210 @@ async fn the_token_stays_out_of_the_address_and_writes_need_a_confirmation() {
         .unwrap();
     wait_text(&c, "#status", "Replay still diverges").await;
     assert_eq!((legacy.count(), new.count()), (before.0 + 1, before.1 + 1));
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_filters_bulk_replay_and_the_keyboard() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let (legacy, new) = backends(fixed.clone()).await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    let http = client();
+    for i in 0..3 {
+        let resp = http
+            .get(proxy.url(&format!("/api/orders/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    for _ in 0..2 {
+        let resp = http
+            .post(proxy.url("/api/payments"))
+            .header("content-type", "application/json")
+            .body(r#"{"amount": 5}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let records = proxy.wait_records(5).await;
+    assert_eq!(records.len(), 5);
+    let order = records.iter().find(|r| r.route == "orders").unwrap();
+    let old = put_old_copy(&proxy, order, 3).await;
+    let (_driver, c) = Driver::start().await;
+
+    // Keyboard only: Tab to the route's link, Enter opens its groups.
+    c.goto(&proxy.admin_url("/ui/")).await.unwrap();
+    wait_text(&c, "#routes tr[data-route=\"orders\"]", "orders").await;
+    tab_to(&c, "#routes tr[data-route=\"orders\"] th a").await;
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys(ENTER)
+        .await
+        .unwrap();
+    wait_text(&c, "#groups tbody tr", "open 4").await;
+    assert_eq!(
+        c.current_url().await.unwrap().fragment(),
+        Some("/groups?route=orders&state=open")
+    );
+
+    // `since` narrows the groups: the three-hour-old record leaves the count.
+    c.find(Locator::Css("select#since"))
+        .await
+        .unwrap()
+        .select_by_value("1h")
+        .await
+        .unwrap();
+    wait_text(&c, "#groups tbody tr td.num", "3").await;
+    assert_eq!(
+        c.current_url().await.unwrap().fragment(),
+        Some("/groups?route=orders&state=open&since=1h")
+    );
+
+    // Keyboard again: Tab to the group's newest divergence, Enter opens it.
+    tab_to(&c, "#groups tbody a[aria-label^=\"Open the newest\"]").await;
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys(ENTER)
+        .await
+        .unwrap();
+    wait_text(&c, "#diffs-title", "Differences (1)").await;
+    let opened = c
+        .find(Locator::Css("article[data-id]"))
+        .await
+        .unwrap()
+        .attr("data-id")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(opened, records[2].id, "the newest of the orders group");
+
+    // `until` narrows the list to what came before it: only the old record.
+    c.goto(&proxy.admin_url("/ui/#/divergences?route=orders"))
+        .await
+        .unwrap();
+    wait_for(&c, "#divergences tbody tr").await;
+    let rows = c
+        .find_all(Locator::Css("#divergences tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 4);
+    c.execute(
+        "const input = document.getElementById('until');
+         const d = new Date(Date.now() - 3600e3);
+         input.value = new Date(d - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19);
+         input.dispatchEvent(new Event('change', {bubbles: true}));",
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let ids: Value = c
+                .execute(
+                    "return [...document.querySelectorAll('#divergences tbody tr')].map((r) => r.dataset.id);",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            ids == json!([old])
+        })
+        .await,
+        "the list narrows to the old record"
+    );
+    let fragment = c
+        .current_url()
+        .await
+        .unwrap()
+        .fragment()
+        .unwrap()
+        .to_string();
+    assert!(
+        fragment.contains("until=20"),
+        "an RFC 3339 instant in the address: {fragment}"
+    );
+
+    // Bulk replay of a group of POSTs asks first; cancelled, nothing is sent.
+    c.goto(&proxy.admin_url("/ui/#/groups?route=payments&state=open"))
+        .await
+        .unwrap();
+    wait_text(&c, "#groups tbody tr", "open 2").await;
+    wait_for(&c, "#groups tbody input.pick")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let before = (legacy.count(), new.count());
+    c.find(Locator::Css("#bulk-replay"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let text = wait_text(&c, "#confirm-dialog[open] #confirm-text", "POST").await;
+    assert!(text.contains("not safe"), "{text}");
+    c.find(Locator::Css("#confirm-no"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_text(&c, "#status", "Replay cancelled.").await;
+    assert_eq!(
+        (legacy.count(), new.count()),
+        before,
+        "nothing was replayed"
+    );
+
+    // Confirmed: both writes go to both sides again, and the page says what happened to each.
+    let confirm_replay = || async {
+        c.find(Locator::Css("#bulk-replay"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(&c, "#confirm-dialog[open]").await;
+        c.find(Locator::Css("#confirm-check"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.find(Locator::Css("#confirm-yes"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    };
+    confirm_replay().await;
+    wait_text(
+        &c,
+        "#status",
+        "Replayed 2 record(s) in 1 group(s): 0 matched, 2 still diverge.",
+    )
+    .await;
+    assert_eq!((legacy.count(), new.count()), (before.0 + 2, before.1 + 2));
+    screenshot(&c, "groups-replay").await;
+
+    // The new side fixed: the replay matches both, which resolves them and empties the view.
+    fixed.store(true, Ordering::SeqCst);
+    wait_for(&c, "#groups tbody input.pick")
+        .await
+        .click()
+        .await
+        .unwrap();
+    confirm_replay().await;
+    wait_text(
+        &c,
+        "#status",
+        "Replayed 2 record(s) in 1 group(s): 2 matched, 0 still diverge.",
+    )
+    .await;
+    wait_text(&c, "main", "No divergences match these filters.").await;
     c.close().await.unwrap();
 }

@@ -201,7 +201,7 @@ function scheduleRefresh() {
     const { view } = current();
     // A divergence being edited is not refreshed under the user's hands.
     if (view === 'divergence' || document.querySelector('dialog[open]')) return;
-    if (main().querySelector('input[type="checkbox"]:checked, input[type="text"]:focus')) return;
+    if (main().querySelector('input[type="checkbox"]:checked, input[type="text"]:focus, input[type="datetime-local"]:focus')) return;
     refreshing = true;
     try { await render(); } finally { refreshing = false; }
   }, REFRESH_MS);
@@ -209,22 +209,25 @@ function scheduleRefresh() {
 
 // ---- routes -----------------------------------------------------------------------------
 
-/** Divergence rate per hour over the last 24 hours, as bars (hours without comparisons stay empty). */
-function sparkline(history) {
+/** Divergence rate per hour over the last 24 hours, as bars (hours without comparisons stay
+ *  empty). Like the Rate column, it leaves out the divergences marked expected. */
+function sparkline(history, truncated) {
   const hours = 24;
   const bar = 5;
   const w = hours * bar;
   const hgt = 26;
   const now = Math.floor(Date.now() / 3600000);
   const byHour = new Map((history || []).map((p) => [Math.floor(p.hour_ms / 3600000), p]));
-  const rates = [];
+  const points = [];
   for (let i = hours - 1; i >= 0; i--) {
     const p = byHour.get(now - i);
-    rates.push(p && p.comparisons > 0 ? p.divergences / p.comparisons : null);
+    points.push(p && p.comparisons > 0 ? p : null);
   }
+  const counted = (p) => (p.counted === undefined ? p.divergences - (p.expected || 0) : p.counted);
+  const rates = points.map((p) => (p ? Math.max(0, counted(p)) / p.comparisons : null));
   const known = rates.filter((r) => r !== null);
   const label = known.length
-    ? `Divergence rate per hour over the last 24 hours: latest ${pct(known[known.length - 1])}, highest ${pct(Math.max(...known))}`
+    ? `Divergence rate per hour over the last 24 hours, not counting those marked expected: latest ${pct(known[known.length - 1])}, highest ${pct(Math.max(...known))}${truncated ? ' (expected records only partly subtracted)' : ''}`
     : 'No comparisons in the last 24 hours';
   const el = svg('svg', { class: 'spark', width: w, height: hgt, viewBox: `0 0 ${w} ${hgt}`, role: 'img', 'aria-label': label },
     svg('title', {}, label),
@@ -232,8 +235,11 @@ function sparkline(history) {
   const top = Math.max(0.01, ...known);
   rates.forEach((r, i) => {
     if (r === null) return;
+    const p = points[i];
     const bh = Math.max(1.5, (r / top) * (hgt - 2));
-    el.append(svg('rect', { x: i * bar + 0.5, y: hgt - 1 - bh, width: bar - 1, height: bh }));
+    const hour = new Date(p.hour_ms).toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit' });
+    el.append(svg('rect', { x: i * bar + 0.5, y: hgt - 1 - bh, width: bar - 1, height: bh, 'data-counted': counted(p), 'data-comparisons': p.comparisons },
+      svg('title', {}, `${hour}: ${counted(p)} of ${p.comparisons} (${pct(r)})${p.expected ? `, ${p.expected} expected not counted` : ''}`)));
   });
   return el;
 }
@@ -256,7 +262,7 @@ async function routesView() {
       h('td', { class: 'num rate' }, r.comparisons.window ? pct(r.divergence_rate) : '-'),
       h('td', { class: 'num' }, r.comparisons.window ? pct(r.divergence_rate_upper_95) : '-'),
       h('td', { class: 'num' }, open ? h('a', { href: '#/divergences' + query({ route: r.route, state: 'open' }) }, String(open)) : '0'),
-      h('td', {}, sparkline(r.history)),
+      h('td', {}, sparkline(r.history, r.history_truncated)),
       h('td', { class: 'verdict' },
         h('span', { class: 'badge ' + r.verdict }, r.verdict),
         r.reasons.length ? h('ul', { class: 'reasons' }, r.reasons.map((x) => h('li', {}, x))) : null));
@@ -302,16 +308,58 @@ function filterForm(view, params, fields) {
 }
 
 const SINCE = { '1h': 3600e3, '24h': 86400e3, '7d': 7 * 86400e3 };
+const SINCE_OPTIONS = [['', 'any time'], ['1h', 'last hour'], ['24h', 'last 24 hours'], ['7d', 'last 7 days']];
+
+/** The API's `since` and `until` for the view's `since` preset and `until` instant. */
+function timeFilter(since, until) {
+  const out = {};
+  if (SINCE[since]) out.since = String(Date.now() - SINCE[since]);
+  if (until) {
+    const ms = /^\d+$/.test(until) ? Number(until) : new Date(until).getTime();
+    // Not a time: sent as is, so the API's error names it.
+    out.until = Number.isNaN(ms) ? until : String(ms);
+  }
+  return out;
+}
+
+/** `until` is kept in the address as an RFC 3339 instant (a shared link means the same moment
+ *  anywhere) and shown in local time; the hidden field carries it to the filters. */
+function untilField(until) {
+  return (update) => {
+    const d = until ? new Date(/^\d+$/.test(until) ? Number(until) : until) : null;
+    const local = d && !Number.isNaN(d.getTime())
+      ? new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19)
+      : '';
+    const hidden = h('input', { type: 'hidden', name: 'until', value: until || '' });
+    const input = h('input', { type: 'datetime-local', id: 'until', step: 1, value: local, onchange: () => {
+      const t = input.value ? new Date(input.value) : null;
+      hidden.value = t && !Number.isNaN(t.getTime()) ? t.toISOString() : '';
+      update();
+    } });
+    return h('div', {}, h('label', { for: 'until' }, 'Before (local time)'), input, hidden);
+  };
+}
+
+function classOptions(cls) {
+  return [['', 'any class'], ...CLASSES.map((c) => [c, c]), ...(cls && !CLASSES.includes(cls) ? [[cls, cls]] : [])];
+}
 
 // ---- groups -----------------------------------------------------------------------------
 
 async function groupsView(_arg, params) {
   const route = params.get('route') || '';
   const state = params.get('state') || '';
-  const [names, data] = await Promise.all([routeNames(), api('/api/groups' + query({ route, state }))]);
+  const cls = params.get('class') || '';
+  const since = params.get('since') || '';
+  const until = params.get('until') || '';
+  const filter = { route, state, class: cls, ...timeFilter(since, until) };
+  const [names, data] = await Promise.all([routeNames(), api('/api/groups' + query(filter))]);
   const form = filterForm('groups', params, [
     (u) => select('route', 'Route', [['', 'any route'], ...names.map((n) => [n, n])], route, u),
     (u) => select('state', 'State', [['', 'any state'], ...STATES.map((s) => [s, s])], state, u),
+    (u) => select('class', 'Class', classOptions(cls), cls, u),
+    (u) => select('since', 'Time', SINCE_OPTIONS, since, u),
+    untilField(until),
   ]);
 
   const rows = data.items.map((g) => h('tr', { 'data-fingerprint': g.fingerprint },
@@ -334,21 +382,53 @@ async function groupsView(_arg, params) {
     const fps = picked();
     if (!fps.length) { say('Select one or more groups first.', true); return; }
     let n = 0;
-    const out = [];
     try {
       for (const fp of fps) {
         const r = await action(fp);
-        n += r.updated || r.replayed || 0;
-        if (r.replayed !== undefined) out.push(`${r.matched}/${r.replayed} matched`);
+        n += r.updated || 0;
       }
       await render();
-      say(`${what}: ${n} record(s) in ${fps.length} group(s)${out.length ? ' — replay ' + out.join(', ') : ''}.`);
+      say(`${what}: ${n} record(s) in ${fps.length} group(s).`);
     } catch (e) {
       if (!(e instanceof ApiError && e.status === 401)) say(what + ' failed: ' + e.message, true);
     }
   };
   // Changes apply to the group's records in the state the view shows, not to every record.
   const patch = (body) => (fp) => api('/api/groups/' + encodeURIComponent(fp) + query({ state }), { method: 'PATCH', body });
+
+  // Replay: the records in the view's state (the API's default is every one not resolved).
+  // A group's fingerprint ignores the method, so its methods say whether a replay writes.
+  const replayGroups = async () => {
+    const fps = picked();
+    if (!fps.length) { say('Select one or more groups first.', true); return; }
+    const byFp = new Map(data.items.map((g) => [g.fingerprint, g]));
+    const writes = [...new Set(fps.flatMap((fp) => Object.keys((byFp.get(fp) || {}).methods || {})))]
+      .filter((m) => !SAFE_METHODS.includes(m.toUpperCase()));
+    let allow = false;
+    if (writes.length) {
+      allow = await confirmWrite(`The selected groups hold ${writes.join(', ')} requests, which are not safe: replaying them sends each write to legacy and to new again.`);
+      if (!allow) { say('Replay cancelled.'); return; }
+    }
+    say('Replaying…');
+    const t = { replayed: 0, matched: 0, still_diverged: 0, failed: 0, skipped_writes: 0 };
+    const reasons = new Set();
+    try {
+      for (const fp of fps) {
+        const r = await api('/api/groups/' + encodeURIComponent(fp) + '/replay' + query({ sample: 5, state, allow_writes: allow ? 'true' : '' }), { method: 'POST' });
+        for (const k of Object.keys(t)) t[k] += r[k] || 0;
+        for (const x of r.results) if (x.outcome === 'failed') reasons.add(x.message);
+      }
+      await render();
+      const parts = [`${t.matched} matched`, `${t.still_diverged} still diverge`];
+      if (t.failed) parts.push(`${t.failed} failed (${[...reasons].join('; ')})`);
+      if (t.skipped_writes) parts.push(`${t.skipped_writes} write(s) skipped`);
+      say(t.replayed + t.failed + t.skipped_writes
+        ? `Replayed ${t.replayed} record(s) in ${fps.length} group(s): ${parts.join(', ')}.`
+        : 'Nothing to replay: no record of the selected group(s) in this state.', t.failed > 0);
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 401)) say('Replay failed: ' + e.message, true);
+    }
+  };
   const actions = h('div', { class: 'bulk', role: 'group', 'aria-label': 'Actions on the selected groups' },
     h('div', {}, h('label', { for: 'bulk-class' }, 'Class'), classInput,
       h('datalist', { id: 'classes' }, CLASSES.map((c) => h('option', { value: c })))),
@@ -359,7 +439,7 @@ async function groupsView(_arg, params) {
     } }, 'Classify'),
     h('button', { type: 'button', id: 'bulk-expected', onclick: () => bulk('Marked expected', patch({ state: 'expected' })) }, 'Mark expected'),
     h('button', { type: 'button', id: 'bulk-ack', onclick: () => bulk('Acknowledged', patch({ state: 'acknowledged' })) }, 'Acknowledge'),
-    h('button', { type: 'button', id: 'bulk-replay', onclick: () => bulk('Replayed', (fp) => api('/api/groups/' + encodeURIComponent(fp) + '/replay?sample=5', { method: 'POST' })) }, 'Replay 5 of each'));
+    h('button', { type: 'button', id: 'bulk-replay', onclick: replayGroups }, 'Replay 5 of each'));
 
   const all = h('input', { type: 'checkbox', 'aria-label': 'Select every group', onchange: (e) => {
     for (const c of main().querySelectorAll('input.pick')) c.checked = e.target.checked;
@@ -388,19 +468,20 @@ async function divergencesView(_arg, params) {
   const state = params.get('state') || '';
   const cls = params.get('class') || '';
   const since = params.get('since') || '';
+  const until = params.get('until') || '';
   const fingerprint = params.get('fingerprint') || '';
   const names = await routeNames();
-  const filter = { route, state, class: cls, fingerprint, limit: 50 };
-  if (SINCE[since]) filter.since = String(Date.now() - SINCE[since]);
+  const filter = { route, state, class: cls, fingerprint, limit: 50, ...timeFilter(since, until) };
   const page = await api('/api/divergences' + query(filter));
   const form = filterForm('divergences', params, [
     (u) => select('route', 'Route', [['', 'any route'], ...names.map((n) => [n, n])], route, u),
     (u) => select('state', 'State', [['', 'any state'], ...STATES.map((s) => [s, s])], state, u),
-    (u) => select('class', 'Class', [['', 'any class'], ...CLASSES.map((c) => [c, c]), ...(cls && !CLASSES.includes(cls) ? [[cls, cls]] : [])], cls, u),
-    (u) => select('since', 'Time', [['', 'any time'], ['1h', 'last hour'], ['24h', 'last 24 hours'], ['7d', 'last 7 days']], since, u),
+    (u) => select('class', 'Class', classOptions(cls), cls, u),
+    (u) => select('since', 'Time', SINCE_OPTIONS, since, u),
+    untilField(until),
   ]);
   if (fingerprint) form.append(h('input', { type: 'hidden', name: 'fingerprint', value: fingerprint }),
-    h('p', {}, 'Group ', h('code', {}, fingerprint), ' ', h('a', { href: '#/divergences' + query({ route, state, class: cls, since }) }, 'show all groups')));
+    h('p', {}, 'Group ', h('code', {}, fingerprint), ' ', h('a', { href: '#/divergences' + query({ route, state, class: cls, since, until }) }, 'show all groups')));
 
   const tbody = h('tbody', {});
   const addRows = (items) => {
