@@ -384,3 +384,152 @@ async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
     assert_eq!(seen["x-forwarded-proto"], "https");
     assert_eq!(seen["x-forwarded-host"], "evil.test");
 }
+
+/// One HTTP/2 frame: its 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    let mut out = len.to_be_bytes()[1..].to_vec();
+    out.extend([kind, flags]);
+    out.extend(stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A GET request head as HPACK without the dynamic table: indexed `:method GET` and
+/// `:scheme http`, literal values for `:path` and `:authority` (RFC 7541, appendix A names).
+fn h2_get(path: &str) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86];
+    for (index, value) in [(4u8, path), (1, "shop.test")] {
+        block.push(index); // literal without indexing, indexed name
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+/// Reads frames until `stop` says so (or 10 s pass); returns (type, flags, stream, payload).
+async fn h2_read_until(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    frames: &mut Vec<(u8, u8, u32, Vec<u8>)>,
+    stop: impl Fn(&[(u8, u8, u32, Vec<u8>)]) -> bool,
+) {
+    let read = async {
+        while !stop(frames) {
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                frames.push((buf[3], buf[4], stream, buf[9..9 + len].to_vec()));
+                buf.drain(..9 + len);
+            }
+            if stop(frames) {
+                break;
+            }
+            let mut chunk = [0u8; 8192];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the proxy answers in time");
+}
+
+#[tokio::test]
+async fn an_h2_client_past_the_stream_limit_is_refused_and_the_rest_is_served() {
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    const END_STREAM_HEADERS: u8 = 0x1 | 0x4;
+    // The backend holds every request until released, so that streams stay open.
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let legacy = Backend::with_handler("legacy", move |req| {
+        let gate = gate.clone();
+        async move {
+            let _permit = gate.acquire().await.unwrap();
+            support::named_response("legacy", &req)
+        }
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| {
+        c.limits.h2_max_streams = 2;
+    })
+    .await;
+
+    // h2c with prior knowledge, written frame by frame: a client that ignores the advertised
+    // limit, as a hostile one would. Streams 1 and 3 fit the limit of 2; stream 5 does not.
+    let mut s = TcpStream::connect(proxy.ficus.proxy_addr()).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    for stream in [1, 3, 5] {
+        out.extend(h2_frame(
+            HEADERS,
+            END_STREAM_HEADERS,
+            stream,
+            &h2_get("/public/x"),
+        ));
+    }
+    s.write_all(&out).await.unwrap();
+    let (mut buf, mut frames) = (Vec::new(), Vec::new());
+    h2_read_until(&mut s, &mut buf, &mut frames, |f| {
+        f.iter()
+            .any(|(kind, _, id, _)| *kind == RST_STREAM && *id == 5)
+    })
+    .await;
+    let settings = frames
+        .iter()
+        .find(|(kind, flags, _, _)| *kind == SETTINGS && flags & 1 == 0)
+        .expect("the proxy sends its settings");
+    // SETTINGS_MAX_CONCURRENT_STREAMS (0x3) = 2 is advertised.
+    let advertised = settings
+        .3
+        .chunks(6)
+        .find(|p| p[..2] == [0, 3])
+        .map(|p| u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
+    assert_eq!(advertised, Some(2), "the limit is advertised");
+    let reset = frames
+        .iter()
+        .find(|(kind, _, id, _)| *kind == RST_STREAM && *id == 5)
+        .expect("the stream past the limit is reset");
+    assert_eq!(reset.3, 7u32.to_be_bytes(), "RST_STREAM(REFUSED_STREAM)");
+    assert!(
+        !frames.iter().any(|(kind, ..)| *kind == GOAWAY),
+        "the connection itself stays up"
+    );
+    assert!(
+        support::eventually(Duration::from_secs(10), || async { legacy.count() == 2 }).await,
+        "the two streams within the limit reach the upstream"
+    );
+
+    // Released, the two streams within the limit are answered on the same connection.
+    release.add_permits(2);
+    h2_read_until(&mut s, &mut buf, &mut frames, |f| {
+        [1, 3].iter().all(|id| {
+            f.iter()
+                .any(|(kind, flags, sid, _)| *kind == HEADERS && sid == id && flags & 0x4 != 0)
+        })
+    })
+    .await;
+    for id in [1, 3] {
+        assert!(
+            frames
+                .iter()
+                .any(|(kind, _, sid, _)| *kind == HEADERS && *sid == id),
+            "stream {id} answered"
+        );
+    }
+    assert_eq!(
+        legacy.count(),
+        2,
+        "the refused stream never reached the upstream"
+    );
+}
