@@ -255,6 +255,56 @@ async fn a_hanging_shadow_side_never_holds_the_client() {
     release.notify_waiters();
 }
 
+/// A shadow side that takes 5 s for every answer: the clients are all served by legacy before
+/// it has answered even once, and each shadow still ends compared once it does.
+#[tokio::test]
+async fn a_shadow_side_that_sleeps_five_seconds_never_delays_a_client() {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let done = answered.clone();
+    let legacy = json_backend("legacy", json!({"total": 10})).await;
+    let new = Backend::with_handler("new", move |_req| {
+        let done = done.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            done.fetch_add(1, Ordering::SeqCst);
+            json_backend_body(json!({"total": 10}))
+        }
+    })
+    .await;
+    // The shadow timeout (10 s) outlasts the sleep, so the shadows are compared, not dropped.
+    let proxy = TestProxy::start(&shadow_rules("timeout = \"10s\""), legacy.url(), new.url()).await;
+    let c = client();
+    let requests = (0..20).map(|i| {
+        let c = c.clone();
+        let url = proxy.url(&format!("/api/orders/{i}"));
+        async move { c.get(url).send().await.unwrap() }
+    });
+    for resp in futures_util::future::join_all(requests).await {
+        assert_eq!(resp.status(), 200);
+        assert_eq!(backend_of(&resp), "legacy");
+        assert_eq!(resp.json::<Value>().await.unwrap(), json!({"total": 10}));
+    }
+    // Twenty loopback exchanges take milliseconds, even in a debug build: 5 s is three orders
+    // of magnitude of slack, so this says "no client waited on the shadow", not a timing.
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        0,
+        "every client was answered before the slow shadow side answered anything"
+    );
+    assert!(
+        eventually(Duration::from_secs(4), || async { new.count() == 20 }).await,
+        "all twenty are mirrored at once, none queued behind another"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            outcome(&proxy, "compared") == 20
+        })
+        .await,
+        "the slow shadows end compared"
+    );
+    assert_eq!(proxy.ficus.proxy().shadow().stats("orders").matched, 20);
+}
+
 #[tokio::test]
 async fn a_shadow_side_that_is_down_or_resets_changes_nothing_for_clients() {
     // Resets: accepts and closes every connection at once.
