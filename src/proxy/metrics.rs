@@ -7,6 +7,7 @@ use std::time::Duration;
 use metrics::{Counter, Histogram, counter, histogram};
 
 use crate::rules::Side;
+use crate::shadow::{RouteCounters, Shadower};
 use crate::telemetry::{self, status_class};
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -18,6 +19,8 @@ pub struct RouteMetrics {
     requests: [[Counter; 5]; 2],
     duration: [Histogram; 2],
     upstream: [Histogram; 2],
+    /// The route's shadow counters, looked up by name once per snapshot.
+    shadow: OnceLock<Arc<RouteCounters>>,
 }
 
 fn side_index(side: Side) -> usize {
@@ -41,7 +44,13 @@ impl RouteMetrics {
             upstream: SIDES.map(|side| {
                 histogram!(telemetry::UPSTREAM_DURATION_SECONDS, "route" => route.clone(), "side" => side.as_str())
             }),
+            shadow: OnceLock::new(),
         }
+    }
+
+    /// The route's shadow counters (outcomes, comparisons), from `shadower` on first use.
+    pub fn shadow(&self, shadower: &Shadower, route: &Arc<str>) -> &Arc<RouteCounters> {
+        self.shadow.get_or_init(|| shadower.counters(route))
     }
 
     pub fn request(&self, authority: Side, status: u16, elapsed: Duration) {

@@ -202,6 +202,7 @@ impl Proxy {
         let route = decision.route;
         let side = decision.authority;
         let upstream = &live.upstreams[decision.authority_upstream()];
+        let route_metrics = live.metrics.route(route.rank, &route.name);
         // Shadowing is decided up front and never waited on.
         let admission = match (&route.shadow, &route.comparator) {
             (Some(_), Some(_)) if !shadow_off => Some(self.shadow.admit(route, &head, upgrade)),
@@ -216,11 +217,10 @@ impl Proxy {
             && hyper::body::Body::size_hint(req.body()).lower() > limit
         {
             // Every request of a shadowed route still ends in exactly one outcome.
+            let counters = || route_metrics.shadow(&self.shadow, &route.name);
             match admission {
-                Some(Admission::Mirror(_)) => {
-                    self.shadow.count(&route.name, Outcome::SkippedBodyLimit);
-                }
-                Some(Admission::Skip(outcome)) => self.shadow.count(&route.name, outcome),
+                Some(Admission::Mirror(_)) => counters().count(Outcome::SkippedBodyLimit),
+                Some(Admission::Skip(outcome)) => counters().count(outcome),
                 None => {}
             }
             return reject(ProxyError::BodyTooLarge { limit }, &req, &request_id);
@@ -233,12 +233,13 @@ impl Proxy {
                     .await
             }
             Some(Admission::Skip(outcome)) => {
-                self.shadow.count(&route.name, outcome);
+                route_metrics
+                    .shadow(&self.shadow, &route.name)
+                    .count(outcome);
                 forward(req, upstream, side, conn, &request_id).await
             }
             None => forward(req, upstream, side, conn, &request_id).await,
         };
-        let route_metrics = live.metrics.route(route.rank, &route.name);
         let response = match result {
             Ok(resp) => {
                 route_metrics.upstream(side, start.elapsed());
@@ -307,8 +308,10 @@ impl Proxy {
         let (body, request_body) = self.shadow.tee_request(&ticket, body);
         let reservation = ticket.reservation().clone();
         let (authority_tx, authority_rx) = oneshot::channel();
+        let counters = live.metrics.route(route.rank, &route.name);
         let context = RouteContext {
             name: route.name.clone(),
+            counters: counters.shadow(&self.shadow, &route.name).clone(),
             authority: decision.authority,
             comparator: route.comparator.clone().unwrap_or_default(),
             noise_probe: route.shadow.as_ref().map_or(0.0, |s| s.noise_probe),

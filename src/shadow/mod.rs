@@ -9,12 +9,14 @@
 pub mod tee;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
+use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tracing::{debug, info};
@@ -135,58 +137,143 @@ const LATENCY_BOUNDS_MS: [f64; 15] = [
 ];
 
 /// A coarse latency histogram: quantiles come out as bucket upper bounds.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct LatencyHist {
-    buckets: [u64; LATENCY_BOUNDS_MS.len() + 1],
-    errors: u64,
+    buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    errors: AtomicU64,
 }
 
 impl LatencyHist {
-    fn record(&mut self, latency: Duration, status: StatusCode) {
+    fn record(&self, latency: Duration, status: StatusCode) {
         let ms = latency.as_secs_f64() * 1e3;
         let i = LATENCY_BOUNDS_MS
             .iter()
             .position(|&b| ms <= b)
             .unwrap_or(LATENCY_BOUNDS_MS.len());
-        self.buckets[i] += 1;
-        self.errors += u64::from(status.is_server_error());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        if status.is_server_error() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    fn total(&self) -> u64 {
-        self.buckets.iter().sum()
-    }
-
-    fn quantile(&self, q: f64) -> f64 {
-        let total = self.total();
+    /// (p50, p99) in ms and the share of 5xx answers, from one read of the buckets.
+    fn figures(&self) -> ((f64, f64), f64) {
+        let buckets = self.buckets.each_ref().map(|b| b.load(Ordering::Relaxed));
+        let total: u64 = buckets.iter().sum();
         if total == 0 {
-            return 0.0;
+            return ((0.0, 0.0), 0.0);
         }
-        let target = (q * total as f64).ceil() as u64;
-        let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= target {
-                return LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(f64::INFINITY);
+        let quantile = |q: f64| {
+            let target = (q * total as f64).ceil() as u64;
+            let mut seen = 0;
+            for (i, n) in buckets.iter().enumerate() {
+                seen += n;
+                if seen >= target {
+                    return LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(f64::INFINITY);
+                }
             }
-        }
-        f64::INFINITY
-    }
-
-    fn error_rate(&self) -> f64 {
-        match self.total() {
-            0 => 0.0,
-            n => self.errors as f64 / n as f64,
-        }
+            f64::INFINITY
+        };
+        let errors = self.errors.load(Ordering::Relaxed);
+        (
+            (quantile(0.5), quantile(0.99)),
+            errors as f64 / total as f64,
+        )
     }
 }
 
-#[derive(Debug, Default, Clone)]
-struct Counts {
-    outcomes: [u64; Outcome::ALL.len()],
-    matched: u64,
-    diverged: u64,
+/// One route's shadow accounting since start: atomics and metric handles made once, so that
+/// counting an outcome costs two atomic additions instead of a lock and a metric lookup on
+/// every request of a shadowed route (most of which end skipped or dropped). Kept by route
+/// name across reloads; each rules snapshot caches its routes' handles.
+#[derive(Debug)]
+pub struct RouteCounters {
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    outcome_metrics: [Counter; Outcome::ALL.len()],
+    matched: AtomicU64,
+    diverged: AtomicU64,
     legacy: LatencyHist,
     new: LatencyHist,
+    /// `ficus_comparisons_total` by result: match, diverged.
+    comparisons: [Counter; 2],
+    /// `ficus_upstream_duration_seconds` of shadow calls, by side: legacy, new.
+    shadow_duration: [Histogram; 2],
+    /// `ficus_status_pairs_total` by legacy and new status class, made on first use.
+    status_pairs: [[OnceLock<Counter>; 5]; 5],
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: StatusCode) -> usize {
+    usize::from(status.as_u16() / 100).clamp(1, 5) - 1
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Legacy => 0,
+        Side::New => 1,
+    }
+}
+
+impl RouteCounters {
+    fn new(route: &Arc<str>) -> RouteCounters {
+        RouteCounters {
+            outcomes: Default::default(),
+            outcome_metrics: Outcome::ALL.map(|o| {
+                metrics::counter!(telemetry::SHADOW_TOTAL, "route" => route.clone(), "outcome" => o.as_str())
+            }),
+            matched: AtomicU64::new(0),
+            diverged: AtomicU64::new(0),
+            legacy: LatencyHist::default(),
+            new: LatencyHist::default(),
+            comparisons: ["match", "diverged"].map(|result| {
+                metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.clone(), "result" => result)
+            }),
+            shadow_duration: [Side::Legacy, Side::New].map(|side| {
+                metrics::histogram!(telemetry::UPSTREAM_DURATION_SECONDS, "route" => route.clone(), "side" => side.as_str())
+            }),
+            status_pairs: Default::default(),
+        }
+    }
+
+    /// Counts one outcome (also as the `ficus_shadow_total` metric).
+    pub fn count(&self, outcome: Outcome) {
+        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+        self.outcome_metrics[outcome.index()].increment(1);
+    }
+
+    fn status_pair(&self, route: &Arc<str>, legacy: StatusCode, new: StatusCode) -> &Counter {
+        let (l, n) = (class_index(legacy), class_index(new));
+        self.status_pairs[l][n].get_or_init(|| {
+            metrics::counter!(
+                telemetry::STATUS_PAIRS_TOTAL,
+                "route" => route.clone(),
+                "legacy" => STATUS_CLASSES[l],
+                "new" => STATUS_CLASSES[n],
+            )
+        })
+    }
+
+    fn stats(&self) -> RouteStats {
+        let (legacy_latency, legacy_errors) = self.legacy.figures();
+        let (new_latency, new_errors) = self.new.figures();
+        RouteStats {
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| (o.as_str(), self.outcomes[o.index()].load(Ordering::Relaxed)))
+                .collect(),
+            matched: self.matched.load(Ordering::Relaxed),
+            diverged: self.diverged.load(Ordering::Relaxed),
+            latency_ms: SideFigures {
+                legacy: legacy_latency,
+                new: new_latency,
+            },
+            error_rate: SideFigures {
+                legacy: legacy_errors,
+                new: new_errors,
+            },
+        }
+    }
 }
 
 /// Body paths learned as noise per route: paths where two legacy answers to the same request
@@ -234,6 +321,7 @@ pub enum Admission {
 pub struct Ticket {
     _permit: OwnedSemaphorePermit,
     reservation: Arc<Reservation>,
+    inflight: Gauge,
 }
 
 impl Ticket {
@@ -244,7 +332,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        metrics::gauge!(telemetry::SHADOW_INFLIGHT).decrement(1.0);
+        self.inflight.decrement(1.0);
     }
 }
 
@@ -272,6 +360,8 @@ pub enum AuthorityResult {
 /// What a mirrored exchange needs from its route, captured when it starts.
 pub struct RouteContext {
     pub name: Arc<str>,
+    /// The route's counters (see [`Shadower::counters`]).
+    pub counters: Arc<RouteCounters>,
     pub authority: Side,
     pub comparator: Arc<Comparator>,
     pub noise_probe: f64,
@@ -290,7 +380,9 @@ pub struct Shadower {
     settings: Settings,
     inflight: Arc<Semaphore>,
     budget: Arc<MemoryBudget>,
-    counts: Mutex<HashMap<Arc<str>, Counts>>,
+    /// Per-route counters by name; the request path reaches them through its snapshot's cache.
+    routes: Mutex<HashMap<Arc<str>, Arc<RouteCounters>>>,
+    inflight_gauge: Gauge,
     noise: NoiseTable,
     recorder: Arc<dyn Recorder>,
     policy: Policy,
@@ -305,7 +397,8 @@ impl Shadower {
             inflight: Arc::new(Semaphore::new(settings.max_inflight)),
             budget: Arc::new(MemoryBudget::new(settings.max_memory)),
             settings,
-            counts: Mutex::default(),
+            routes: Mutex::default(),
+            inflight_gauge: metrics::gauge!(telemetry::SHADOW_INFLIGHT),
             field_paths: Mutex::default(),
             noise: NoiseTable::default(),
             recorder,
@@ -332,24 +425,24 @@ impl Shadower {
 
     /// Counts per route since start.
     pub fn stats(&self, route: &str) -> RouteStats {
-        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let c = counts.get(route).cloned().unwrap_or_default();
-        RouteStats {
-            outcomes: Outcome::ALL
-                .iter()
-                .map(|o| (o.as_str(), c.outcomes[o.index()]))
-                .collect(),
-            matched: c.matched,
-            diverged: c.diverged,
-            latency_ms: SideFigures {
-                legacy: (c.legacy.quantile(0.5), c.legacy.quantile(0.99)),
-                new: (c.new.quantile(0.5), c.new.quantile(0.99)),
-            },
-            error_rate: SideFigures {
-                legacy: c.legacy.error_rate(),
-                new: c.new.error_rate(),
+        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        match routes.get(route) {
+            Some(c) => c.stats(),
+            None => RouteStats {
+                outcomes: Outcome::ALL.iter().map(|o| (o.as_str(), 0)).collect(),
+                ..RouteStats::default()
             },
         }
+    }
+
+    /// The counters of a route, made on its first use and kept across reloads. Takes a lock:
+    /// the request path calls it once per route and rules snapshot, and keeps the handle.
+    pub fn counters(&self, route: &Arc<str>) -> Arc<RouteCounters> {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        routes
+            .entry(route.clone())
+            .or_insert_with(|| Arc::new(RouteCounters::new(route)))
+            .clone()
     }
 
     /// Decides whether this request of a shadowed route is mirrored. Never waits.
@@ -370,30 +463,21 @@ impl Shadower {
         if !spec.writes && !is_safe(req.method) {
             return Admission::Skip(Outcome::SkippedWrite);
         }
+        // When every slot is taken (a slow shadow side), most requests end here: a plain load
+        // first, so that they do not all write the semaphore's shared word to learn it.
+        if self.inflight.available_permits() == 0 {
+            return Admission::Skip(Outcome::DroppedOverload);
+        }
         match self.inflight.clone().try_acquire_owned() {
             Ok(permit) => {
-                metrics::gauge!(telemetry::SHADOW_INFLIGHT).increment(1.0);
+                self.inflight_gauge.increment(1.0);
                 Admission::Mirror(Ticket {
                     _permit: permit,
                     reservation: Reservation::new(self.budget.clone()),
+                    inflight: self.inflight_gauge.clone(),
                 })
             }
             Err(_) => Admission::Skip(Outcome::DroppedOverload),
-        }
-    }
-
-    /// Counts one outcome for a route (also as the `ficus_shadow_total` metric).
-    pub fn count(&self, route: &Arc<str>, outcome: Outcome) {
-        self.bump(route, |c| c.outcomes[outcome.index()] += 1);
-        metrics::counter!(telemetry::SHADOW_TOTAL, "route" => route.clone(), "outcome" => outcome.as_str())
-            .increment(1);
-    }
-
-    fn bump(&self, route: &Arc<str>, f: impl FnOnce(&mut Counts)) {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        match counts.get_mut(route) {
-            Some(c) => f(c),
-            None => f(counts.entry(route.clone()).or_default()),
         }
     }
 
@@ -430,7 +514,7 @@ impl Shadower {
         let outcome = self
             .mirror(&ticket, &route, &head, request_body, authority)
             .await;
-        self.count(&route.name, outcome);
+        route.counters.count(outcome);
         drop(ticket);
     }
 
@@ -449,8 +533,8 @@ impl Shadower {
         };
         // The shadow call starts now, concurrently with the authority's response.
         let shadow = self.call(
-            route.timeout,
-            (&route.name, route.authority.other()),
+            route,
+            route.authority.other(),
             &route.shadow,
             head,
             body.clone(),
@@ -497,10 +581,8 @@ impl Shadower {
         let comparison = route
             .comparator
             .compare(&legacy.as_compare(), &new.as_compare());
-        self.bump(&route.name, |c| {
-            c.legacy.record(legacy.latency, legacy.status);
-            c.new.record(new.latency, new.status);
-        });
+        route.counters.legacy.record(legacy.latency, legacy.status);
+        route.counters.new.record(new.latency, new.status);
         // A sampled trace of comparisons for debugging: paths and counts, never values.
         if fastrand::u8(..) == 0 {
             debug!(
@@ -522,21 +604,16 @@ impl Shadower {
         }
         let (diffs, noisy_diffs) = self.split_noise(&route.name, comparison);
         self.recorder.count(&route.name, !diffs.is_empty());
-        metrics::counter!(
-            telemetry::STATUS_PAIRS_TOTAL,
-            "route" => route.name.clone(),
-            "legacy" => telemetry::status_class(legacy.status.as_u16()),
-            "new" => telemetry::status_class(new.status.as_u16()),
-        )
-        .increment(1);
+        let counters = &route.counters;
+        counters
+            .status_pair(&route.name, legacy.status, new.status)
+            .increment(1);
         if diffs.is_empty() {
-            self.bump(&route.name, |c| c.matched += 1);
-            metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.clone(), "result" => "match")
-                .increment(1);
+            counters.matched.fetch_add(1, Ordering::Relaxed);
+            counters.comparisons[0].increment(1);
         } else {
-            self.bump(&route.name, |c| c.diverged += 1);
-            metrics::counter!(telemetry::COMPARISONS_TOTAL, "route" => route.name.clone(), "result" => "diverged")
-                .increment(1);
+            counters.diverged.fetch_add(1, Ordering::Relaxed);
+            counters.comparisons[1].increment(1);
             let record = Record::build(
                 Exchange {
                     route: &route.name,
@@ -586,8 +663,8 @@ impl Shadower {
     /// Sends the request to `upstream` as a shadow and captures the response (bounded).
     async fn call(
         &self,
-        timeout: Duration,
-        side: (&Arc<str>, Side),
+        route: &RouteContext,
+        side: Side,
         upstream: &Upstream,
         head: &MirroredHead,
         body: Bytes,
@@ -611,11 +688,11 @@ impl Shadower {
             let resp = upstream.client().request(req).await.map_err(|e| {
                 debug!(error = %e, upstream = %upstream.name, "shadow request failed");
                 let kind = if e.is_connect() { "connect" } else { "upstream" };
-                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => side.0.clone(), "side" => side.1.as_str(), "kind" => kind)
+                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => route.name.clone(), "side" => side.as_str(), "kind" => kind)
                     .increment(1);
                 Outcome::ShadowError
             })?;
-            metrics::histogram!(telemetry::UPSTREAM_DURATION_SECONDS, "route" => side.0.clone(), "side" => side.1.as_str())
+            route.counters.shadow_duration[side_index(side)]
                 .record(started.elapsed().as_secs_f64());
             let (parts, mut body) = resp.into_parts();
             let mut buf = bytes::BytesMut::new();
@@ -638,10 +715,10 @@ impl Shadower {
                 latency: started.elapsed(),
             })
         };
-        match tokio::time::timeout(timeout, exchange).await {
+        match tokio::time::timeout(route.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => {
-                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => side.0.clone(), "side" => side.1.as_str(), "kind" => "timeout")
+                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => route.name.clone(), "side" => side.as_str(), "kind" => "timeout")
                     .increment(1);
                 Err(Outcome::ShadowTimeout)
             }
@@ -659,8 +736,8 @@ impl Shadower {
     ) {
         let Ok(again) = self
             .call(
-                route.timeout,
-                (&route.name, Side::Legacy),
+                route,
+                Side::Legacy,
                 &route.legacy,
                 head,
                 body.clone(),
