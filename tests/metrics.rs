@@ -103,6 +103,15 @@ async fn metrics_expose_traffic_shadow_outcomes_and_divergences() {
         r#"ficus_comparisons_total{route="m-orders",result="diverged"}"#,
         3.0,
     );
+    // Outcomes and results that did not happen are exported at 0, so that ratios are defined.
+    expect(
+        r#"ficus_shadow_total{route="m-orders",outcome="shadow_timeout"}"#,
+        0.0,
+    );
+    expect(
+        r#"ficus_comparisons_total{route="m-orders",result="match"}"#,
+        0.0,
+    );
     expect(
         r#"ficus_status_pairs_total{route="m-orders",legacy="2xx",new="5xx"}"#,
         3.0,
