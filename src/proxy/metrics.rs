@@ -8,9 +8,8 @@ use metrics::{Counter, Histogram, counter, histogram};
 
 use crate::rules::Side;
 use crate::shadow::{RouteCounters, Shadower};
-use crate::telemetry::{self, status_class};
+use crate::telemetry;
 
-const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const SIDES: [Side; 2] = [Side::Legacy, Side::New];
 
 /// Handles of one route: requests by authority and status class, client-visible and
@@ -23,18 +22,11 @@ pub struct RouteMetrics {
     shadow: OnceLock<Arc<RouteCounters>>,
 }
 
-fn side_index(side: Side) -> usize {
-    match side {
-        Side::Legacy => 0,
-        Side::New => 1,
-    }
-}
-
 impl RouteMetrics {
     fn new(route: &Arc<str>) -> RouteMetrics {
         RouteMetrics {
             requests: SIDES.map(|side| {
-                CLASSES.map(|class| {
+                telemetry::STATUS_CLASSES.map(|class| {
                     counter!(telemetry::REQUESTS_TOTAL, "route" => route.clone(), "authority" => side.as_str(), "status" => class)
                 })
             }),
@@ -54,16 +46,13 @@ impl RouteMetrics {
     }
 
     pub fn request(&self, authority: Side, status: u16, elapsed: Duration) {
-        let class = CLASSES
-            .iter()
-            .position(|c| *c == status_class(status))
-            .unwrap_or(4);
-        self.requests[side_index(authority)][class].increment(1);
-        self.duration[side_index(authority)].record(elapsed.as_secs_f64());
+        let class = telemetry::status_class_index(status);
+        self.requests[authority.index()][class].increment(1);
+        self.duration[authority.index()].record(elapsed.as_secs_f64());
     }
 
     pub fn upstream(&self, side: Side, elapsed: Duration) {
-        self.upstream[side_index(side)].record(elapsed.as_secs_f64());
+        self.upstream[side.index()].record(elapsed.as_secs_f64());
     }
 }
 

@@ -33,6 +33,14 @@ impl Side {
             Side::New => "new",
         }
     }
+
+    /// 0 for legacy, 1 for new: the index of per-side arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Side::Legacy => 0,
+            Side::New => 1,
+        }
+    }
 }
 
 impl fmt::Display for Side {

@@ -202,19 +202,6 @@ pub struct RouteCounters {
     status_pairs: [[OnceLock<Counter>; 5]; 5],
 }
 
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-
-fn class_index(status: StatusCode) -> usize {
-    usize::from(status.as_u16() / 100).clamp(1, 5) - 1
-}
-
-fn side_index(side: Side) -> usize {
-    match side {
-        Side::Legacy => 0,
-        Side::New => 1,
-    }
-}
-
 impl RouteCounters {
     fn new(route: &Arc<str>) -> RouteCounters {
         RouteCounters {
@@ -243,13 +230,14 @@ impl RouteCounters {
     }
 
     fn status_pair(&self, route: &Arc<str>, legacy: StatusCode, new: StatusCode) -> &Counter {
-        let (l, n) = (class_index(legacy), class_index(new));
+        let class = |s: StatusCode| telemetry::status_class_index(s.as_u16());
+        let (l, n) = (class(legacy), class(new));
         self.status_pairs[l][n].get_or_init(|| {
             metrics::counter!(
                 telemetry::STATUS_PAIRS_TOTAL,
                 "route" => route.clone(),
-                "legacy" => STATUS_CLASSES[l],
-                "new" => STATUS_CLASSES[n],
+                "legacy" => telemetry::STATUS_CLASSES[l],
+                "new" => telemetry::STATUS_CLASSES[n],
             )
         })
     }
@@ -692,8 +680,7 @@ impl Shadower {
                     .increment(1);
                 Outcome::ShadowError
             })?;
-            route.counters.shadow_duration[side_index(side)]
-                .record(started.elapsed().as_secs_f64());
+            route.counters.shadow_duration[side.index()].record(started.elapsed().as_secs_f64());
             let (parts, mut body) = resp.into_parts();
             let mut buf = bytes::BytesMut::new();
             while let Some(frame) = body.frame().await {

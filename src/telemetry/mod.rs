@@ -33,15 +33,13 @@ pub const BUILD_INFO: &str = "ficus_build_info";
 /// Distinct divergent-field paths counted per route before the rest go to `_other`.
 pub const MAX_FIELD_PATHS_PER_ROUTE: usize = 100;
 
-/// `"2xx"` for 204 and so on; labels stay bounded whatever the status codes are.
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+/// The status-class label values, in order: labels stay bounded whatever the status codes are.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The index of a status code's class in [`STATUS_CLASSES`]: 1 (`"2xx"`) for 204; anything
+/// past 599 counts as 5xx.
+pub fn status_class_index(status: u16) -> usize {
+    usize::from(status / 100).clamp(1, 5) - 1
 }
 
 /// `ficus_rules_reloads_total{result="ok"|"error"}`.
