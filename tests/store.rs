@@ -233,6 +233,47 @@ async fn contract(store: Arc<dyn Store>) {
         4
     );
 
+    // Times of a route's records in one state, from the indexes: oldest first, bounded, only
+    // that route (users' records lie between orders' ones) and only that state.
+    let times = |route: &'static str, state, since, limit| {
+        let store = store.clone();
+        async move {
+            store
+                .record_times(route, state, since, limit)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        times("orders", State::Open, base + 1500, 10).await,
+        (vec![base + 2000, base + 3000, base + 4000], false)
+    );
+    assert_eq!(
+        times("orders", State::Open, base + 1500, 2).await,
+        (vec![base + 2000, base + 3000], true)
+    );
+    assert_eq!(
+        times("orders", State::Acknowledged, base, 10).await,
+        (vec![base], false)
+    );
+    assert_eq!(times("users", State::Open, 0, 10).await.0.len(), 3);
+    assert_eq!(
+        times("users", State::Expected, 0, 10).await,
+        (vec![], false)
+    );
+    assert_eq!(
+        store
+            .count(&Filter {
+                route: Some("orders".into()),
+                state: Some(State::Open),
+                since_ms: Some(base + 1500),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        3
+    );
+
     // Counters add up, in total and per hour.
     let hour = store::hour_of(now);
     let delta = |h, c, d| CountDelta {

@@ -639,16 +639,15 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
             let first_hour = crate::store::hour_of(now).saturating_sub(HISTORY_HOURS - 1);
             let hourly = store.hourly(&name, first_hour).await?;
             // The chart subtracts expected records hour by hour, as the rate does over the
-            // window; their hour is read from the records themselves (bounded scan).
-            let (marked, truncated) = scan(
-                &**store,
-                Filter {
-                    since_ms: Some(first_hour * 3_600_000),
-                    ..route_filter(Some(RecordState::Expected))
-                },
-            )
-            .await?;
-            let at: Vec<u64> = marked.iter().map(crate::record::Record::at_ms).collect();
+            // window: the times of those records, from the store's indexes (bounded).
+            let (at, truncated) = store
+                .record_times(
+                    &name,
+                    RecordState::Expected,
+                    first_hour * 3_600_000,
+                    GROUP_SCAN_LIMIT,
+                )
+                .await?;
             let history = (crate::report::hours(&hourly, &at), truncated);
             Ok::<_, StoreError>((total, window, by_state, expected, open_defects, history))
         };

@@ -150,6 +150,16 @@ pub trait Store: Send + Sync {
         route: &'a str,
         since_hour: u64,
     ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>>;
+    /// When (Unix ms) each of a route's records in `state` from `since_ms` on was made, oldest
+    /// first, at most `limit` of them, and whether there were more; the records themselves are
+    /// not read. Feeds the report's per-hour figures of records marked `expected`.
+    fn record_times<'a>(
+        &'a self,
+        route: &'a str,
+        state: State,
+        since_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<u64>, bool), StoreError>>;
     /// A route's counts per hour from `since_hour` on, oldest first; hours without any
     /// comparison are left out. Feeds the divergence-rate charts of the workbench.
     fn hourly<'a>(

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{BoxFuture, CountDelta, Counts, Filter, Override, Page, Retention, Store, StoreError};
-use crate::record::Record;
+use crate::record::{Record, State};
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -277,6 +277,31 @@ impl Store for SqliteStore {
                 )?)
             };
             Ok((sum(0)?, sum(since_hour)?))
+        })
+    }
+
+    fn record_times<'a>(
+        &'a self,
+        route: &'a str,
+        state: State,
+        since_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<(Vec<u64>, bool), StoreError>> {
+        let route = route.to_string();
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT at_ms FROM records WHERE route = ?1 AND state = ?2 AND at_ms >= ?3
+                 ORDER BY id LIMIT ?4",
+            )?;
+            let wanted = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(
+                params![route, state.as_str(), int(since_ms), wanted],
+                |row| Ok(row.get::<_, i64>(0)?.max(0) as u64),
+            )?;
+            let mut times = rows.collect::<Result<Vec<_>, _>>()?;
+            let more = times.len() > limit;
+            times.truncate(limit);
+            Ok((times, more))
         })
     }
 
