@@ -233,8 +233,8 @@ async fn contract(store: Arc<dyn Store>) {
         4
     );
 
-    // Times of a route's records in one state, from the indexes: oldest first, bounded, only
-    // that route (users' records lie between orders' ones) and only that state.
+    // Times of a route's records in one state, from the indexes: newest first, the newest kept
+    // when bounded, only that route (users' records lie between orders' ones), only that state.
     let times = |route: &'static str, state, since, limit| {
         let store = store.clone();
         async move {
@@ -246,11 +246,11 @@ async fn contract(store: Arc<dyn Store>) {
     };
     assert_eq!(
         times("orders", State::Open, base + 1500, 10).await,
-        (vec![base + 2000, base + 3000, base + 4000], false)
+        (vec![base + 4000, base + 3000, base + 2000], false)
     );
     assert_eq!(
         times("orders", State::Open, base + 1500, 2).await,
-        (vec![base + 2000, base + 3000], true)
+        (vec![base + 4000, base + 3000], true)
     );
     assert_eq!(
         times("orders", State::Acknowledged, base, 10).await,

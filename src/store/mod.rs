@@ -150,9 +150,10 @@ pub trait Store: Send + Sync {
         route: &'a str,
         since_hour: u64,
     ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>>;
-    /// When (Unix ms) each of a route's records in `state` from `since_ms` on was made, oldest
-    /// first, at most `limit` of them, and whether there were more; the records themselves are
-    /// not read. Feeds the report's per-hour figures of records marked `expected`.
+    /// When (Unix ms) each of a route's records in `state` from `since_ms` on was made, newest
+    /// first, at most `limit` of them (the newest), and whether there were more (or the store
+    /// stopped looking: Redis examines at most 100,000 index entries); the records themselves
+    /// are not read. Feeds the report's per-hour figures of records marked `expected`.
     fn record_times<'a>(
         &'a self,
         route: &'a str,

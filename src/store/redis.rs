@@ -479,20 +479,33 @@ impl Store for RedisStore {
     ) -> BoxFuture<'a, Result<(Vec<u64>, bool), StoreError>> {
         Box::pin(async move {
             // Ids are UUIDv7: their order is their time, and their time is in them. Walk the
-            // state's index from `since_ms` by id, a page at a time, and keep the ids that are
-            // in the route's index too (one ZMSCORE per page): no record is read.
+            // smaller of the two indexes by id, newest first down to `since_ms`, a page at a
+            // time, and keep the ids the other index holds too (one ZMSCORE per page): no record
+            // is read, and at most MAX_PAGES pages are.
             const PAGE: isize = 1000;
+            const MAX_PAGES: usize = 100;
             let (by_state, by_route) = (self.state_key(state), self.key(&["idx", "route", route]));
-            let mut from = format!("[{}", id_prefix(since_ms));
+            let (n_state, n_route): (u64, u64) = with_conn!(self, c => {
+                let n_state: u64 = c.zcard(&by_state).await?;
+                let n_route: u64 = c.zcard(&by_route).await?;
+                (n_state, n_route)
+            });
+            let (walk, other) = if n_route <= n_state {
+                (by_route, by_state)
+            } else {
+                (by_state, by_route)
+            };
+            let floor = format!("[{}", id_prefix(since_ms));
+            let mut from = "+".to_string();
             let mut times = Vec::new();
-            loop {
-                let ids: Vec<String> = with_conn!(self, c => c.zrangebylex_limit(&by_state, &from, "+", 0, PAGE).await?);
+            for _ in 0..MAX_PAGES {
+                let ids: Vec<String> = with_conn!(self, c => c.zrevrangebylex_limit(&walk, &from, &floor, 0, PAGE).await?);
                 let Some(last) = ids.last() else {
                     return Ok((times, false));
                 };
                 from = format!("({last}");
                 let scores: Vec<Option<f64>> = with_conn!(self, c => redis::cmd("ZMSCORE")
-                    .arg(&by_route)
+                    .arg(&other)
                     .arg(&ids)
                     .query_async(&mut c)
                     .await?);
@@ -509,6 +522,7 @@ impl Store for RedisStore {
                     return Ok((times, false));
                 }
             }
+            Ok((times, true))
         })
     }
 

@@ -26,6 +26,7 @@ CREATE INDEX IF NOT EXISTS records_route ON records (route, id);
 CREATE INDEX IF NOT EXISTS records_state ON records (state, id);
 CREATE INDEX IF NOT EXISTS records_fingerprint ON records (fingerprint, id);
 CREATE INDEX IF NOT EXISTS records_at ON records (at_ms);
+CREATE INDEX IF NOT EXISTS records_route_state_at ON records (route, state, at_ms);
 CREATE TABLE IF NOT EXISTS audit (
     seq  INTEGER PRIMARY KEY AUTOINCREMENT,
     json TEXT NOT NULL
@@ -291,7 +292,7 @@ impl Store for SqliteStore {
         self.with(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT at_ms FROM records WHERE route = ?1 AND state = ?2 AND at_ms >= ?3
-                 ORDER BY id LIMIT ?4",
+                 ORDER BY id DESC LIMIT ?4",
             )?;
             let wanted = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
             let rows = stmt.query_map(
