@@ -93,6 +93,61 @@ async fn token_guards_the_api_but_not_health() {
     }
 }
 
+/// Without a token, a loopback client may make changes, but not a web page in a browser on
+/// that machine: a cross-site form, another origin, or a host name rebound to 127.0.0.1.
+#[tokio::test]
+async fn without_a_token_changes_from_a_browser_page_of_another_origin_are_refused() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let c = client();
+    let id = proxy.records().await[0].id.clone();
+    let url = proxy.admin_url(&format!("/api/divergences/{id}"));
+    let port = proxy.ficus.admin_addr().port();
+    let evil = format!("evil.example:{port}");
+    let forged: [&[(&str, &str)]; 4] = [
+        &[("sec-fetch-site", "cross-site")],
+        &[("origin", "http://127.0.0.1:8080")],
+        &[("host", &evil), ("origin", "http://evil.example")],
+        &[("host", &evil)],
+    ];
+    for headers in forged {
+        let mut req = c.patch(&url).json(&json!({"state": "expected"}));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{headers:?}");
+        assert_eq!(
+            resp.json::<Value>().await.unwrap()["error"],
+            "cross_origin",
+            "{headers:?}"
+        );
+    }
+    let record = proxy.ficus.store().get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        record.state,
+        ficus::record::State::Open,
+        "nothing was changed"
+    );
+    // Reads stay open; the CLI (no browser headers) and the workbench's own origin may change.
+    let read = c
+        .get(&url)
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    let own = format!("http://127.0.0.1:{port}");
+    let resp = c
+        .patch(&url)
+        .header("origin", own)
+        .header("sec-fetch-site", "same-origin")
+        .json(&json!({"state": "expected"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 #[tokio::test]
 async fn list_filter_paginate_get_and_classify() {
     let (_l, _n, proxy) = setup(&[("alice", "s3cret")]).await;

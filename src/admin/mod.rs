@@ -108,6 +108,17 @@ async fn auth(State(state): State<Arc<AdminState>>, mut req: Request, next: Next
                 "changes from a non-loopback address need a token: start ficus with --admin-token",
             );
         }
+        if !crate::shadow::is_safe(req.method())
+            && let Some(why) = browser_forgery(req.headers())
+        {
+            return error(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!(
+                    "{why}: a change without a token is taken only from this admin port's own pages or from a client that is not a browser (or start ficus with --admin-token)"
+                ),
+            );
+        }
         req.extensions_mut().insert(Who("anonymous".into()));
         return next.run(req).await;
     }
@@ -142,6 +153,40 @@ async fn auth(State(state): State<Arc<AdminState>>, mut req: Request, next: Next
 /// from loopback. An unknown peer is treated as remote.
 fn open_change_allowed(method: &http::Method, peer: Option<std::net::IpAddr>) -> bool {
     crate::shadow::is_safe(method) || peer.is_some_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// Without a token, the loopback check alone would let any web page open in an operator's
+/// browser on the same machine make changes (a form posted across sites, or a name of its own
+/// rebound to 127.0.0.1). Such a request is told apart by what browsers add to it: a
+/// `Sec-Fetch-Site` other than `same-origin` or `none`, an `Origin` that is not this port, or
+/// a `Host` that is a name rather than an address. The CLI, curl and the workbench itself pass.
+fn browser_forgery(headers: &HeaderMap) -> Option<&'static str> {
+    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if let Some(site) = text("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Some("a request from another site");
+    }
+    let host = text(header::HOST.as_str()).unwrap_or_default();
+    if let Some(origin) = text(header::ORIGIN.as_str()) {
+        let own = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        if own != Some(host) {
+            return Some("a request from another origin");
+        }
+    }
+    // A name rebound to a loopback address still arrives with that name as its Host.
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let address = name.parse::<std::net::IpAddr>().is_ok();
+    if !(host.is_empty() || address || name.eq_ignore_ascii_case("localhost")) {
+        return Some("a request addressed to a host name");
+    }
+    None
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -1364,5 +1409,52 @@ mod tests {
         assert!(!open_change_allowed(&http::Method::POST, remote));
         assert!(!open_change_allowed(&http::Method::DELETE, remote));
         assert!(!open_change_allowed(&http::Method::PATCH, None));
+    }
+
+    #[test]
+    fn browser_forgeries_are_told_from_the_workbench_and_the_cli() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.insert(*n, header::HeaderValue::from_static(v));
+            }
+            h
+        };
+        // The CLI and curl: no browser headers.
+        assert_eq!(
+            browser_forgery(&headers(&[("host", "127.0.0.1:9901")])),
+            None
+        );
+        assert_eq!(
+            browser_forgery(&headers(&[("host", "localhost:9901")])),
+            None
+        );
+        assert_eq!(browser_forgery(&headers(&[("host", "[::1]:9901")])), None);
+        assert_eq!(browser_forgery(&HeaderMap::new()), None);
+        // The workbench, served by this port.
+        let own = [
+            ("host", "127.0.0.1:9901"),
+            ("origin", "http://127.0.0.1:9901"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert_eq!(browser_forgery(&headers(&own)), None);
+        // Another site's page posting here, with or without Fetch metadata.
+        for forged in [
+            &[("host", "127.0.0.1:9901"), ("sec-fetch-site", "cross-site")][..],
+            &[("host", "127.0.0.1:9901"), ("sec-fetch-site", "same-site")],
+            &[
+                ("host", "127.0.0.1:9901"),
+                ("origin", "http://127.0.0.1:8080"),
+            ],
+            &[("host", "127.0.0.1:9901"), ("origin", "null")],
+            // DNS rebinding: the browser thinks it talks to evil.example.
+            &[
+                ("host", "evil.example:9901"),
+                ("origin", "http://evil.example:9901"),
+            ],
+            &[("host", "evil.example:9901")],
+        ] {
+            assert!(browser_forgery(&headers(forged)).is_some(), "{forged:?}");
+        }
     }
 }
