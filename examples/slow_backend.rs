@@ -87,8 +87,12 @@ async fn main() -> std::io::Result<()> {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
-                // Out of descriptors or a reset before accept: try the next one.
-                Err(_) => continue,
+                // Out of descriptors or a reset before accept: back off a little rather than
+                // spin on a listener that stays ready.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
             },
             _ = &mut shutdown => return Ok(()),
             _ = term.recv() => return Ok(()),
