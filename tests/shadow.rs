@@ -523,3 +523,83 @@ async fn traceparent_reaches_both_sides_as_sibling_spans() {
     assert_eq!(a[..35], b[..35], "same trace id: {a} {b}");
     assert_ne!(a, b);
 }
+
+/// A reload publishes a new snapshot with new per-route handles; the route's counts carry on
+/// from where they were, neither reset nor counted twice.
+#[tokio::test]
+async fn shadow_counts_carry_over_a_reload() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(&shadow_rules(""), legacy.url(), new.url()).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(
+            c.get(proxy.url("/api/x")).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert!(wait_outcomes(&proxy, 3).await);
+    // The same route, and a second one whose answers tell when the new rules are in force.
+    proxy.replace_rules(&format!(
+        "{}\n[[route]]\nname = \"probe\"\nauthority = \"new\"\n[route.match]\npath_prefix = \"/probe/\"\n",
+        shadow_rules("")
+    ));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let resp = c.get(proxy.url("/probe/x")).send().await.unwrap();
+            backend_of(&resp) == "new"
+        })
+        .await,
+        "the new rules came into force"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            c.get(proxy.url("/api/x")).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert!(wait_outcomes(&proxy, 5).await);
+    let stats = proxy.ficus.proxy().shadow().stats("orders");
+    assert_eq!(stats.outcomes["compared"], 5, "{stats:?}");
+    assert_eq!(stats.outcomes.values().sum::<u64>(), 5, "{stats:?}");
+    // The backends name themselves in their answers: every comparison diverges.
+    assert_eq!((stats.matched, stats.diverged), (0, 5));
+}
+
+/// A body refused with 413 still ends the request's shadow outcome: the mirrored one as
+/// `skipped_body_limit`, a skipped one with its own reason.
+#[tokio::test]
+async fn a_request_refused_for_its_body_size_still_counts_one_outcome() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = "[[route]]\nname = \"orders\"\nmax_request_body = \"16B\"\n[route.match]\npath_prefix = \"/api/\"\n[route.shadow]\nwrites = true\n\n[[route]]\nname = \"reads\"\nmax_request_body = \"16B\"\n[route.match]\npath_prefix = \"/reads/\"\n[route.shadow]\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    let big = "x".repeat(100);
+    let resp = c
+        .post(proxy.url("/api/x"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let resp = c
+        .post(proxy.url("/reads/x"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let shadow = proxy.ficus.proxy().shadow();
+    let orders = shadow.stats("orders");
+    assert_eq!(orders.outcomes["skipped_body_limit"], 1, "{orders:?}");
+    assert_eq!(orders.outcomes.values().sum::<u64>(), 1, "{orders:?}");
+    let reads = shadow.stats("reads");
+    assert_eq!(reads.outcomes["skipped_write"], 1, "{reads:?}");
+    assert_eq!(reads.outcomes.values().sum::<u64>(), 1, "{reads:?}");
+    assert_eq!(
+        (legacy.count(), new.count()),
+        (0, 0),
+        "no upstream saw either"
+    );
+}
