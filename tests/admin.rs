@@ -1264,3 +1264,53 @@ async fn openapi_document_covers_the_api() {
     }
     assert!(routes >= 15, "found {routes} routes in the router");
 }
+
+/// A replay that fails after the legacy side was called says so, alone and in a group, so that
+/// nobody retries a write believing it was never sent.
+#[tokio::test]
+async fn a_replay_that_fails_after_a_request_went_out_says_it_was_sent() {
+    let (legacy, new, proxy) = setup(&[]).await;
+    drop(new); // the new side is gone: legacy answers, then new cannot be reached
+    let c = client();
+    let orders: Vec<_> = proxy
+        .records()
+        .await
+        .into_iter()
+        .filter(|r| r.route == "orders")
+        .collect();
+    let before = legacy.count();
+    let resp = c
+        .post(proxy.admin_url(&format!("/api/divergences/{}/replay", orders[0].id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "replay_failed", "{body}");
+    assert_eq!(body["sent"], true, "{body}");
+    assert_eq!(legacy.count(), before + 1, "legacy did get the request");
+
+    let fp = &orders[0].fingerprint;
+    let group: Value = c
+        .post(proxy.admin_url(&format!("/api/groups/{fp}/replay")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(group["replayed"], 0, "{group}");
+    assert_eq!(group["failed"], 3, "{group}");
+    assert_eq!(group["failed_after_sending"], 3, "{group}");
+    for r in group["results"].as_array().unwrap() {
+        assert_eq!(r["sent"], true, "{r}");
+    }
+    // A refusal before anything is sent carries no such flag.
+    let unknown = c
+        .post(proxy.admin_url("/api/divergences/no-such-id/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.json::<Value>().await.unwrap().get("sent").is_none());
+}

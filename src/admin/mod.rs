@@ -449,6 +449,9 @@ struct Refusal {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// A replay failed after a request went out to an upstream: it may have been processed
+    /// there, and trying again repeats it (a write, for a non-safe method).
+    sent: bool,
 }
 
 impl Refusal {
@@ -457,7 +460,12 @@ impl Refusal {
             status,
             code,
             message: message.into(),
+            sent: false,
         }
+    }
+
+    fn after_sending(self) -> Refusal {
+        Refusal { sent: true, ..self }
     }
 
     fn store(e: &StoreError) -> Refusal {
@@ -471,7 +479,11 @@ impl Refusal {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        error(self.status, self.code, self.message)
+        if !self.sent {
+            return error(self.status, self.code, self.message);
+        }
+        let body = json!({"error": self.code, "message": self.message, "sent": true});
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -578,6 +590,7 @@ async fn replay_record(
                 .to_bytes();
             Ok::<_, String>((parts, body))
         };
+        // From here on a request may have reached an upstream: a failure says so.
         match tokio::time::timeout(upstream.timeout, call).await {
             Ok(Ok(answer)) => answers.push(answer),
             Ok(Err(e)) => {
@@ -585,14 +598,16 @@ async fn replay_record(
                     StatusCode::BAD_GATEWAY,
                     "replay_failed",
                     format!("{}: {e}", upstream.name),
-                ));
+                )
+                .after_sending());
             }
             Err(_) => {
                 return Err(Refusal::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "replay_timeout",
                     format!("{} did not answer in time", upstream.name),
-                ));
+                )
+                .after_sending());
             }
         }
     }
@@ -603,7 +618,8 @@ async fn replay_record(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "replay_failed",
                 "missing answer",
-            ));
+            )
+            .after_sending());
         }
     };
     let mut comparison = comparator.compare(&as_compare(&legacy), &as_compare(&new));
@@ -623,7 +639,14 @@ async fn replay_record(
         what,
     });
     if let Err(e) = state.store.update(&record).await {
-        return Err(Refusal::store(&e));
+        // Both sides answered; only the record's new state and history are lost.
+        let mut refusal = Refusal::store(&e).after_sending();
+        refusal.message = format!(
+            "replayed ({}), but the record could not be saved: {}",
+            if matched { "matched" } else { "still diverges" },
+            refusal.message
+        );
+        return Err(refusal);
     }
     Ok(json!({
         "match": matched,
@@ -1022,7 +1045,7 @@ async fn replay_group(
     }
     let allow_writes = q.allow_writes.unwrap_or(false);
     let mut results = Vec::with_capacity(records.len());
-    let [mut matched, mut diverged, mut failed, mut skipped] = [0u64; 4];
+    let [mut matched, mut diverged, mut failed, mut sent, mut skipped] = [0u64; 5];
     for record in records {
         let id = record.id.clone();
         let method = record.request.method.clone();
@@ -1049,9 +1072,10 @@ async fn replay_group(
             }
             Err(refusal) => {
                 failed += 1;
+                sent += u64::from(refusal.sent);
                 results.push(json!({"id": id, "method": method, "outcome": "failed",
                     "status": refusal.status.as_u16(), "error": refusal.code,
-                    "message": refusal.message}));
+                    "message": refusal.message, "sent": refusal.sent}));
             }
         }
     }
@@ -1061,6 +1085,7 @@ async fn replay_group(
         "matched": matched,
         "still_diverged": diverged,
         "failed": failed,
+        "failed_after_sending": sent,
         "skipped_writes": skipped,
         "results": results,
     }))

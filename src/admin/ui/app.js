@@ -410,7 +410,7 @@ async function groupsView(_arg, params) {
       if (!allow) { say('Replay cancelled.'); return; }
     }
     say('Replaying…');
-    const t = { replayed: 0, matched: 0, still_diverged: 0, failed: 0, skipped_writes: 0 };
+    const t = { replayed: 0, matched: 0, still_diverged: 0, failed: 0, failed_after_sending: 0, skipped_writes: 0 };
     const reasons = new Set();
     try {
       for (const fp of fps) {
@@ -421,6 +421,7 @@ async function groupsView(_arg, params) {
       await render();
       const parts = [`${t.matched} matched`, `${t.still_diverged} still diverge`];
       if (t.failed) parts.push(`${t.failed} failed (${[...reasons].join('; ')})`);
+      if (t.failed_after_sending) parts.push(`${t.failed_after_sending} of those after a request went out: replaying them again repeats it`);
       if (t.skipped_writes) parts.push(`${t.skipped_writes} write(s) skipped`);
       say(t.replayed + t.failed + t.skipped_writes
         ? `Replayed ${t.replayed} record(s) in ${fps.length} group(s): ${parts.join(', ')}.`
