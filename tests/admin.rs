@@ -962,6 +962,54 @@ async fn groups_filter_by_class_and_time() {
     assert_eq!(bad.json::<Value>().await.unwrap()["error"], "bad_time");
     let unknown = get("?colour=red".into()).await;
     assert_eq!(unknown.status(), 400);
+
+    // Bulk actions take the same filters: only what such a view shows is changed or replayed.
+    let fp = &order.fingerprint;
+    let patched: Value = c
+        .patch(proxy.admin_url(&format!("/api/groups/{fp}?class=legacy-bug")))
+        .json(&json!({"note": "seen in 2019 too"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(patched["updated"], 1, "{patched}");
+    let replayed: Value = c
+        .post(proxy.admin_url(&format!(
+            "/api/groups/{fp}/replay?since={hour_ago}&sample=20"
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        replayed["replayed"], 3,
+        "the old record is outside the view: {replayed}"
+    );
+    let old_id = proxy
+        .records()
+        .await
+        .into_iter()
+        .find(|r| r.class.as_deref() == Some("legacy-bug"))
+        .unwrap();
+    assert!(
+        replayed["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["id"] != old_id.id.as_str()),
+        "{replayed}"
+    );
+    assert_eq!(old_id.note.as_deref(), Some("seen in 2019 too"));
+    let bad = c
+        .post(proxy.admin_url(&format!("/api/groups/{fp}/replay?until=soon")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

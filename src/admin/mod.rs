@@ -934,6 +934,31 @@ async fn groups(
 #[serde(deny_unknown_fields)]
 struct PatchGroupQuery {
     state: Option<String>,
+    class: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// The records of a group that a bulk action applies to: those the workbench's view shows
+/// (state, class, time), so that nothing it did not show is changed or replayed.
+#[allow(clippy::result_large_err)]
+fn group_scope(
+    fingerprint: &str,
+    state: Option<&str>,
+    class: Option<&str>,
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<Filter, Response> {
+    let state = parse_state(state)?;
+    let (since_ms, until_ms) = time_bounds(since, until)?;
+    Ok(Filter {
+        fingerprint: Some(fingerprint.to_string()),
+        state,
+        class: class.filter(|c| !c.is_empty()).map(str::to_string),
+        since_ms,
+        until_ms,
+        ..Filter::default()
+    })
 }
 
 /// Applies one patch to every record of a group, or to those in `?state=` only.
@@ -948,11 +973,17 @@ async fn patch_group(
         return error(
             StatusCode::BAD_REQUEST,
             "bad_query",
-            "known parameter: state",
+            "known parameters: state, class, since, until",
         );
     };
-    let only = match parse_state(q.state.as_deref()) {
-        Ok(s) => s,
+    let filter = match group_scope(
+        &fingerprint,
+        q.state.as_deref(),
+        q.class.as_deref(),
+        q.since.as_deref(),
+        q.until.as_deref(),
+    ) {
+        Ok(f) => f,
         Err(resp) => return resp,
     };
     let Ok(Json(changes)) = body else {
@@ -961,11 +992,6 @@ async fn patch_group(
             "bad_body",
             "send a JSON object with any of state, class, note",
         );
-    };
-    let filter = Filter {
-        fingerprint: Some(fingerprint.clone()),
-        state: only,
-        ..Filter::default()
     };
     let (records, truncated) = match scan(&*state.store, filter).await {
         Ok(r) => r,
@@ -998,6 +1024,9 @@ struct GroupReplayQuery {
     sample: Option<usize>,
     allow_writes: Option<bool>,
     state: Option<String>,
+    class: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
 }
 
 /// Replays a bounded sample of a group: its newest records that are not resolved, or with
@@ -1014,15 +1043,21 @@ async fn replay_group(
         return error(
             StatusCode::BAD_REQUEST,
             "bad_query",
-            "known parameters: sample, allow_writes, state",
+            "known parameters: sample, allow_writes, state, class, since, until",
         );
     };
-    let only = match parse_state(q.state.as_deref()) {
-        Ok(s) => s,
+    let scope = match group_scope(
+        &fingerprint,
+        q.state.as_deref(),
+        q.class.as_deref(),
+        q.since.as_deref(),
+        q.until.as_deref(),
+    ) {
+        Ok(f) => f,
         Err(resp) => return resp,
     };
     let sample = q.sample.unwrap_or(5).clamp(1, 20);
-    let records = match group_sample(&*state.store, &fingerprint, only, sample).await {
+    let records = match group_sample(&*state.store, scope, sample).await {
         Ok(r) => r,
         Err(e) => return store_error(&e),
     };
@@ -1092,21 +1127,17 @@ async fn replay_group(
     .into_response()
 }
 
-/// The newest `n` records of a group in state `only`, or that are not resolved when `only` is
-/// `None` (the store filters on one state at most, so those are picked here, page by page).
+/// The newest `n` records of a group that `filter` selects and, when it names no state, that
+/// are not resolved (the store filters on one state at most, so those are picked here, page
+/// by page).
 async fn group_sample(
     store: &dyn Store,
-    fingerprint: &str,
-    only: Option<RecordState>,
+    mut filter: Filter,
     n: usize,
 ) -> Result<Vec<crate::record::Record>, StoreError> {
     const PAGE: usize = 100;
-    let mut filter = Filter {
-        fingerprint: Some(fingerprint.to_string()),
-        state: only,
-        limit: PAGE,
-        ..Filter::default()
-    };
+    let only = filter.state;
+    filter.limit = PAGE;
     let mut out = Vec::with_capacity(n);
     for _ in 0..GROUP_SCAN_LIMIT / PAGE {
         let page = store.list(&filter).await?;

@@ -393,10 +393,11 @@ async function groupsView(_arg, params) {
       if (!(e instanceof ApiError && e.status === 401)) say(what + ' failed: ' + e.message, true);
     }
   };
-  // Changes apply to the group's records in the state the view shows, not to every record.
-  const patch = (body) => (fp) => api('/api/groups/' + encodeURIComponent(fp) + query({ state }), { method: 'PATCH', body });
+  // Changes apply to the group's records the view shows (state, class, time), not to every one.
+  const scope = { state, class: cls, ...timeFilter(since, until) };
+  const patch = (body) => (fp) => api('/api/groups/' + encodeURIComponent(fp) + query(scope), { method: 'PATCH', body });
 
-  // Replay: the records in the view's state (the API's default is every one not resolved).
+  // Replay: the records the view shows (the API's default is every one not resolved).
   // A group's fingerprint ignores the method, so its methods say whether a replay writes.
   const replayGroups = async () => {
     const fps = picked();
@@ -414,7 +415,7 @@ async function groupsView(_arg, params) {
     const reasons = new Set();
     try {
       for (const fp of fps) {
-        const r = await api('/api/groups/' + encodeURIComponent(fp) + '/replay' + query({ sample: 5, state, allow_writes: allow ? 'true' : '' }), { method: 'POST' });
+        const r = await api('/api/groups/' + encodeURIComponent(fp) + '/replay' + query({ sample: 5, ...scope, allow_writes: allow ? 'true' : '' }), { method: 'POST' });
         for (const k of Object.keys(t)) t[k] += r[k] || 0;
         for (const x of r.results) if (x.outcome === 'failed') reasons.add(x.message);
       }
