@@ -831,15 +831,20 @@ fn apply_changes(
 /// Records read at most to build groups or to change a group (newest first).
 const GROUP_SCAN_LIMIT: usize = 10_000;
 
-/// Pages through the records a filter selects, newest first, up to [`GROUP_SCAN_LIMIT`].
+/// Pages through the records a filter selects, newest first, up to [`GROUP_SCAN_LIMIT`] of
+/// them or 20 pages; `true` when it stopped short.
 async fn scan(
     store: &dyn Store,
     mut filter: Filter,
 ) -> Result<(Vec<crate::record::Record>, bool), StoreError> {
+    // Pages, not only matches, are bounded: a selective filter over a large index (Redis
+    // checks the conditions its index does not hold record by record) could otherwise walk
+    // the whole store on every refresh of the workbench.
+    const MAX_PAGES: usize = 20;
     filter.limit = 1000;
     filter.cursor = None;
     let mut out = Vec::new();
-    loop {
+    for _ in 0..MAX_PAGES {
         let page = store.list(&filter).await?;
         out.extend(page.items);
         match page.next {
@@ -848,6 +853,7 @@ async fn scan(
             None => return Ok((out, false)),
         }
     }
+    Ok((out, true))
 }
 
 #[derive(Deserialize)]
