@@ -533,20 +533,19 @@ async fn replay_record(
         None => record.request.path.clone(),
     };
     let body = bytes::Bytes::from(record.request.body.body.clone().unwrap_or_default());
+    // Everything that can refuse the replay as a whole is checked before the first call.
+    let Ok(uri) = target.parse::<http::Uri>() else {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "unreplayable",
+            "the recorded path is not a valid URI",
+        ));
+    };
     let mut answers = Vec::with_capacity(2);
     for upstream in [&live.upstreams[route.legacy], &live.upstreams[route.new]] {
         let mut req = http::Request::new(crate::proxy::error::full(body.clone()));
         *req.method_mut() = method.clone();
-        *req.uri_mut() = match target.parse() {
-            Ok(uri) => uri,
-            Err(_) => {
-                return Err(Refusal::new(
-                    StatusCode::CONFLICT,
-                    "unreplayable",
-                    "the recorded path is not a valid URI",
-                ));
-            }
-        };
+        *req.uri_mut() = uri.clone();
         for (name, value) in &record.request.headers {
             // Redacted secrets are not replayed: the upstream sees the request without them.
             if value == crate::compare::REDACTED {
@@ -569,11 +568,13 @@ async fn replay_record(
         let req = match crate::proxy::upstream_request(req, upstream, conn, false) {
             Ok(r) => r,
             Err(e) => {
-                return Err(Refusal::new(
-                    StatusCode::CONFLICT,
-                    "unreplayable",
-                    e.to_string(),
-                ));
+                let refusal = Refusal::new(StatusCode::CONFLICT, "unreplayable", e.to_string());
+                // For new, legacy has been called already.
+                return Err(if answers.is_empty() {
+                    refusal
+                } else {
+                    refusal.after_sending()
+                });
             }
         };
         let call = async {
