@@ -21,35 +21,44 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1): the fixed list and those named in `Connection`.
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive for a protocol switch.
+///
+/// One pass over the names finds what is there to remove: most heads carry none of these or
+/// only `Connection`, and a removal costs a hash lookup each.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if is_fixed_hop_by_hop(name) || (!keep_upgrade && name == header::UPGRADE) {
+            doomed.push(name.clone());
+        }
     }
-    for name in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-    ] {
+    if doomed.contains(&header::CONNECTION) {
+        let listed = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| !(keep_upgrade && name == header::UPGRADE));
+        doomed.extend(listed);
+    }
+    for name in &doomed {
         headers.remove(name);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
+}
+
+/// The hop-by-hop headers every hop removes, whatever `Connection` lists.
+fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like).
@@ -82,64 +91,105 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     id
 }
 
+/// A W3C trace id: 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId([u8; 32]);
+
+impl TraceId {
+    pub fn as_str(&self) -> &str {
+        // Only ever built from lowercase hex digits (ASCII).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TraceId({})", self.as_str())
+    }
+}
+
+/// Length of a version-00 `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`.
+const TRACEPARENT_LEN: usize = 55;
+
 /// Keeps a valid `traceparent` from the client, or starts a trace (flags `00`: ficus does not
 /// force sampling on the systems behind it). Returns the trace id, for logs.
-pub fn ensure_traceparent(headers: &mut HeaderMap) -> String {
+pub fn ensure_traceparent(headers: &mut HeaderMap) -> TraceId {
     if let Some(trace_id) = headers
         .get(&TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent)
+        .and_then(|v| parse_traceparent(v.as_bytes()))
     {
-        return trace_id.to_string();
+        return trace_id;
     }
-    let trace_id = format!("{:032x}", fastrand::u128(1..));
-    let value = format!("00-{trace_id}-{:016x}-00", fastrand::u64(1..));
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(TRACEPARENT.clone(), v);
-    }
-    trace_id
+    let mut trace = [0u8; 32];
+    hex_lower(&fastrand::u128(1..).to_be_bytes(), &mut trace);
+    headers.insert(TRACEPARENT.clone(), traceparent(&trace, b"00"));
+    TraceId(trace)
 }
 
 /// Gives an outgoing request a span of its own: same trace id and flags, a fresh parent id.
 /// The authority call and the shadow call are thus sibling spans of one exchange.
 pub fn child_traceparent(headers: &mut HeaderMap) {
-    let Some(value) = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers.get(&TRACEPARENT) else {
         return;
     };
-    let Some(trace_id) = parse_traceparent(value) else {
+    let Some(trace_id) = parse_traceparent(value.as_bytes()) else {
         return;
     };
-    let flags = &value[53..55];
-    let child = format!("00-{trace_id}-{:016x}-{flags}", fastrand::u64(1..));
-    if let Ok(v) = HeaderValue::from_str(&child) {
-        headers.insert(TRACEPARENT.clone(), v);
+    let flags = [value.as_bytes()[53], value.as_bytes()[54]];
+    let child = traceparent(&trace_id.0, &flags);
+    headers.insert(TRACEPARENT.clone(), child);
+}
+
+/// `00-<trace>-<fresh parent id>-<flags>`.
+fn traceparent(trace: &[u8; 32], flags: &[u8; 2]) -> HeaderValue {
+    let mut buf = [0u8; TRACEPARENT_LEN];
+    buf[..3].copy_from_slice(b"00-");
+    buf[3..35].copy_from_slice(trace);
+    buf[35] = b'-';
+    hex_lower(&fastrand::u64(1..).to_be_bytes(), &mut buf[36..52]);
+    buf[52] = b'-';
+    buf[53..].copy_from_slice(flags);
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Writes `bytes` as lowercase hex into `out`, which holds exactly two digits per byte.
+fn hex_lower(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
     }
 }
 
-/// The trace id of a valid version-00 `traceparent`.
-fn parse_traceparent(value: &str) -> Option<&str> {
-    let hex = |s: &str| {
-        s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+/// The trace id of a valid version-00 `traceparent` (exact layout, lowercase hex, neither
+/// id all zeros).
+fn parse_traceparent(value: &[u8]) -> Option<TraceId> {
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
     };
-    let zero = |s: &str| s.bytes().all(|b| b == b'0');
-    let parts: Vec<&str> = value.trim().split('-').collect();
-    match parts.as_slice() {
-        ["00", trace, parent, flags]
-            if trace.len() == 32
-                && parent.len() == 16
-                && flags.len() == 2
-                && hex(trace)
-                && hex(parent)
-                && hex(flags)
-                && !zero(trace)
-                && !zero(parent)
-                && value.len() == 55 =>
-        {
-            Some(&value[3..35])
-        }
-        _ => None,
+    let zero = |s: &[u8]| s.iter().all(|&b| b == b'0');
+    if value.len() != TRACEPARENT_LEN
+        || &value[..3] != b"00-"
+        || value[35] != b'-'
+        || value[52] != b'-'
+    {
+        return None;
     }
+    let (trace, parent, flags) = (&value[3..35], &value[36..52], &value[53..]);
+    if !(hex(trace) && hex(parent) && hex(flags)) || zero(trace) || zero(parent) {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(trace);
+    Some(TraceId(id))
 }
 
 /// `X-Forwarded-For/-Proto/-Host`. Values sent by a peer outside `--trusted-proxies` are
@@ -151,24 +201,25 @@ pub fn set_forwarded(
     host: Option<&HeaderValue>,
     trusted: bool,
 ) {
-    let client = client.to_canonical().to_string();
+    let client = ip_value(client.to_canonical());
     // From a trusted proxy, the chain so far is kept and this peer appended; from anyone
     // else, whatever the client wrote is dropped, so it cannot forge an address.
-    let chain = if trusted {
-        let before: Vec<&str> = headers
+    let before: Vec<&str> = if trusted {
+        headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .collect();
-        if before.is_empty() {
-            client
-        } else {
-            format!("{}, {client}", before.join(", "))
-        }
+            .collect()
     } else {
-        client
+        Vec::new()
     };
-    if let Ok(v) = HeaderValue::from_str(&chain) {
+    let chain = if before.is_empty() {
+        Some(client)
+    } else {
+        let client = client.to_str().unwrap_or_default();
+        HeaderValue::from_str(&format!("{}, {client}", before.join(", "))).ok()
+    };
+    if let Some(v) = chain {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -184,6 +235,35 @@ pub fn set_forwarded(
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host.clone()),
         None => headers.remove(&X_FORWARDED_HOST),
     };
+}
+
+/// An address as a header value. IPv4, by far the most common peer, is written by hand: the
+/// formatting machinery costs more than the rest of the rewrite.
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    };
+    let mut buf = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            buf[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            buf[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    // Digits and dots are always a valid header value.
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Appends this hop to `Via` (RFC 9110 7.6.3).
@@ -245,7 +325,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&TRACEPARENT, HeaderValue::from_static(client));
         assert_eq!(
-            ensure_traceparent(&mut h),
+            ensure_traceparent(&mut h).as_str(),
             "0af7651916cd43dd8448eb211c80319c"
         );
         child_traceparent(&mut h);
@@ -262,7 +342,8 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert(&TRACEPARENT, HeaderValue::from_str(bad).unwrap());
             let id = ensure_traceparent(&mut h);
-            assert_eq!(id.len(), 32);
+            assert_eq!(id.as_str().len(), 32);
+            assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
             assert!(
                 h[&TRACEPARENT]
                     .to_str()
@@ -270,6 +351,74 @@ mod tests {
                     .starts_with(&format!("00-{id}-"))
             );
         }
+    }
+
+    #[test]
+    fn ip_values_are_written_as_display_writes_them() {
+        for octets in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [10, 9, 99, 100],
+            [192, 168, 1, 255],
+            [255, 255, 255, 255],
+            [1, 20, 200, 7],
+        ] {
+            let ip = IpAddr::from(octets);
+            assert_eq!(ip_value(ip), ip.to_string().as_str());
+        }
+        for _ in 0..1000 {
+            let ip = IpAddr::from(fastrand::u32(..).to_be_bytes());
+            assert_eq!(ip_value(ip), ip.to_string().as_str());
+        }
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(ip_value(v6), "2001:db8::1");
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, mapped, false, None, false);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
+    }
+
+    #[test]
+    fn forwarded_for_is_replaced_unless_the_peer_is_trusted() {
+        let peer: IpAddr = "10.0.0.7".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("5.6.7.8"));
+        let mut untrusted = h.clone();
+        set_forwarded(&mut untrusted, peer, false, None, false);
+        assert_eq!(untrusted[&X_FORWARDED_FOR], "10.0.0.7");
+        assert_eq!(untrusted.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        set_forwarded(&mut h, peer, true, None, true);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, 10.0.0.7");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+    }
+
+    #[test]
+    fn traceparent_layout_is_checked_exactly() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert!(parse_traceparent(good.as_bytes()).is_some());
+        for bad in [
+            "",
+            " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 ",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c8031-9c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0g",
+        ] {
+            assert!(parse_traceparent(bad.as_bytes()).is_none(), "{bad:?}");
+        }
+        // A fresh one is valid, and a child keeps trace id and flags.
+        let mut h = HeaderMap::new();
+        let id = ensure_traceparent(&mut h);
+        let value = h[&TRACEPARENT].clone();
+        assert_eq!(parse_traceparent(value.as_bytes()), Some(id));
+        assert!(value.to_str().unwrap().ends_with("-00"));
+        child_traceparent(&mut h);
+        let child = h[&TRACEPARENT].to_str().unwrap();
+        assert_eq!(parse_traceparent(child.as_bytes()), Some(id));
+        assert_ne!(child, value);
     }
 
     #[test]
