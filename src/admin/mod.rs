@@ -578,11 +578,7 @@ async fn replay_record(
             }
         };
         let call = async {
-            let resp = upstream
-                .client()
-                .request(req)
-                .await
-                .map_err(|e| e.to_string())?;
+            let resp = upstream.request(req).await.map_err(|e| e.to_string())?;
             let (parts, body) = resp.into_parts();
             let body = http_body_util::Limited::new(body, REPLAY_BODY_LIMIT)
                 .collect()

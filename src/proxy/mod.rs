@@ -405,7 +405,7 @@ where
             .map_err(Into::into)
             .boxed_unsync()
     });
-    let mut sent = std::pin::pin!(upstream.client().request(req));
+    let mut sent = std::pin::pin!(upstream.request(req));
     let mut resp = loop {
         let last = clock.last();
         match tokio::time::timeout_at((last + upstream.timeout).into(), &mut sent).await {

@@ -673,7 +673,7 @@ impl Shadower {
                 .map_err(|_| Outcome::ShadowError)?;
             req.headers_mut()
                 .insert(self.settings.header.clone(), HeaderValue::from_static("1"));
-            let resp = upstream.client().request(req).await.map_err(|e| {
+            let resp = upstream.request(req).await.map_err(|e| {
                 debug!(error = %e, upstream = %upstream.name, "shadow request failed");
                 let kind = if e.is_connect() { "connect" } else { "upstream" };
                 metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => route.name.clone(), "side" => side.as_str(), "kind" => kind)

@@ -5,7 +5,6 @@
 //! upstream connection it uses are always driven by the same thread, with no cross-thread
 //! wake-ups on the hot path.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,16 +62,23 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// This thread's pooled client for the upstream.
-    pub fn client(&self) -> HttpClient {
-        self.clients.client(self.connect_timeout)
+    /// Sends a request through this thread's pooled client (without a clone of the client
+    /// of our own: `request` takes the one it needs).
+    pub fn request(&self, req: http::Request<Body>) -> ResponseFuture {
+        self.clients
+            .with_client(self.connect_timeout, |client| client.request(req))
     }
 }
 
+/// What [`Upstream::request`] returns.
+pub type ResponseFuture = hyper_util::client::legacy::ResponseFuture;
+
 thread_local! {
-    /// Clients of this thread, by (cache id, connect timeout).
-    static CLIENTS: std::cell::RefCell<HashMap<(u64, Duration), HttpClient>> =
-        std::cell::RefCell::new(HashMap::new());
+    /// Clients of this thread, by (cache id, connect timeout). A list, not a map: it holds
+    /// one entry per distinct connect timeout (usually one or two), and it is searched on
+    /// every upstream call, where hashing the key cost more than comparing it.
+    static CLIENTS: std::cell::RefCell<Vec<((u64, Duration), HttpClient)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -133,29 +139,36 @@ impl ClientCache {
         })
     }
 
-    /// This thread's client for a connect timeout, created on first use.
-    pub fn client(&self, connect_timeout: Duration) -> HttpClient {
+    /// Runs `f` with this thread's client for a connect timeout, created on first use.
+    fn with_client<R>(&self, connect_timeout: Duration, f: impl FnOnce(&HttpClient) -> R) -> R {
+        let key = (self.id, connect_timeout);
         CLIENTS.with_borrow_mut(|clients| {
-            clients
-                .entry((self.id, connect_timeout))
-                .or_insert_with(|| {
-                    let mut http = HttpConnector::new();
-                    http.enforce_http(false);
-                    http.set_nodelay(true);
-                    http.set_connect_timeout(Some(connect_timeout));
-                    http.set_keepalive(Some(Duration::from_secs(60)));
-                    let https = hyper_rustls::HttpsConnectorBuilder::new()
-                        .with_tls_config(self.tls.clone())
-                        .https_or_http()
-                        .enable_http1()
-                        .wrap_connector(http);
-                    Client::builder(TokioExecutor::new())
-                        .pool_timer(TokioTimer::new())
-                        .pool_idle_timeout(self.pool_idle_timeout)
-                        .build(https)
-                })
-                .clone()
+            let i = match clients.iter().position(|(k, _)| *k == key) {
+                Some(i) => i,
+                None => {
+                    clients.push((key, self.build_client(connect_timeout)));
+                    clients.len() - 1
+                }
+            };
+            f(&clients[i].1)
         })
+    }
+
+    fn build_client(&self, connect_timeout: Duration) -> HttpClient {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(self.tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(self.pool_idle_timeout)
+            .build(https)
     }
 
     /// Turns the rules' upstream definitions into live upstreams.
