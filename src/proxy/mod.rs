@@ -371,9 +371,8 @@ pub(crate) fn upstream_request<B>(
         Some(host) if upstream.preserve_host => {
             h.insert(header::HOST, host);
         }
-        // Without a Host header the client derives it from the upstream URI.
         _ => {
-            h.remove(header::HOST);
+            h.insert(header::HOST, upstream.host.clone());
         }
     }
     Ok(req)

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Uri;
 use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -46,6 +46,9 @@ pub struct Upstream {
     pub authority: Authority,
     pub timeout: Duration,
     pub preserve_host: bool,
+    /// The `Host` header for this upstream (the authority without a default port), made
+    /// once instead of on every request.
+    pub host: HeaderValue,
     connect_timeout: Duration,
     clients: Arc<ClientCache>,
 }
@@ -184,18 +187,32 @@ impl ClientCache {
                     (_, None) => &defaults.legacy,
                 };
                 let (scheme, authority) = scheme_and_authority(url);
+                let host = host_header(&scheme, &authority);
                 Upstream {
                     name: def.name.clone(),
                     scheme,
                     authority,
                     timeout: def.timeout.unwrap_or(defaults.timeout),
                     preserve_host: def.preserve_host,
+                    host,
                     connect_timeout: def.connect_timeout.unwrap_or(defaults.connect_timeout),
                     clients: self.clone(),
                 }
             })
             .collect()
     }
+}
+
+/// The `Host` header a request to this authority carries: the authority, without the
+/// scheme's default port (RFC 9110 7.2), as hyper's client would write it.
+fn host_header(scheme: &Scheme, authority: &Authority) -> HeaderValue {
+    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let value = match authority.port_u16() {
+        Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_string(),
+    };
+    // An authority's host and port are valid header text.
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("localhost"))
 }
 
 /// Scheme and authority of a URL validated by `rules::parse_upstream_url`.
@@ -206,4 +223,24 @@ fn scheme_and_authority(url: &Uri) -> (Scheme, Authority) {
         .cloned()
         .unwrap_or_else(|| Authority::from_static("127.0.0.1"));
     (scheme, authority)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_leaves_out_the_default_port_only() {
+        let host = |url: &str| {
+            let (scheme, authority) = scheme_and_authority(&url.parse().unwrap());
+            host_header(&scheme, &authority)
+        };
+        assert_eq!(host("http://legacy.internal"), "legacy.internal");
+        assert_eq!(host("http://legacy.internal:80"), "legacy.internal");
+        assert_eq!(host("http://127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(host("https://new.internal:443"), "new.internal");
+        assert_eq!(host("https://new.internal:80"), "new.internal:80");
+        assert_eq!(host("http://[::1]:9000"), "[::1]:9000");
+        assert_eq!(host("http://user@h.example:81"), "h.example:81");
+    }
 }
