@@ -370,14 +370,7 @@ path_prefix = "/sparse/"
     // Counters reach the store within a second or so.
     let mut report = Value::Null;
     for _ in 0..100 {
-        report = c
-            .get(proxy.admin_url("/api/report"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        report = proxy.report().await;
         if report["routes"][0]["comparisons"]["window"] == 60
             && report["routes"][2]["comparisons"]["window"] == 3
         {
@@ -422,14 +415,7 @@ path_prefix = "/sparse/"
             .await
             .unwrap();
     }
-    let report: Value = c
-        .get(proxy.admin_url("/api/report"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report: Value = proxy.report().await;
     let sparse = report["routes"][2].clone();
     assert_eq!(sparse["route"], "sparse");
     assert!((sparse["divergence_rate"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9);
@@ -1138,23 +1124,9 @@ async fn an_override_flips_a_route_on_every_replica() {
         .await
         .unwrap();
     assert_eq!(rules_now["overrides"][0]["reason"], "new side returns 500s");
-    let report: Value = c
-        .get(b.admin_url("/api/report"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report: Value = b.report().await;
     assert_eq!(report["routes"][0]["override"]["authority"], "legacy");
-    let metrics = c
-        .get(b.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = b.metrics().await;
     assert!(
         metrics.contains(r#"ficus_route_override{route="orders"} 1"#),
         "{metrics}"

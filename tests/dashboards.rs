@@ -206,14 +206,7 @@ async fn a_real_prometheus_evaluates_every_dashboard_expression() {
     );
 
     // And promtool is happy with the exposition itself.
-    let text = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.metrics().await;
     let (ok, out) = promtool(&["check", "metrics"], Some(&text));
     assert!(ok, "{out}");
 }

@@ -259,14 +259,7 @@ async fn a_stalled_redis_and_a_full_spool_never_fail_a_client_and_every_drop_is_
     );
     let dropped = writer.dropped.load(Ordering::Relaxed);
     assert!(dropped > 0, "a 16 KiB spool cannot hold 120 records");
-    let metrics = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     assert_eq!(
         metric(&metrics, "ficus_store_dropped_total{reason=\"spool_full\"}") as u64,
         dropped

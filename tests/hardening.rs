@@ -275,14 +275,7 @@ async fn limits_answer_with_clear_errors_and_nothing_reaches_an_upstream() {
     assert_eq!(exchange(addr, raw.as_bytes()).await.0, 413);
 
     // Every refusal is counted by reason.
-    let metrics = support::client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     for reason in ["uri_too_long", "body_too_large"] {
         assert!(
             metrics.contains(&format!(

@@ -169,14 +169,7 @@ async fn divergent_field_labels_stay_bounded() {
             .unwrap();
     }
     assert_eq!(proxy.wait_records(150).await.len(), 150);
-    let text = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.metrics().await;
     let series: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with(r#"ficus_divergent_fields_total{route="m-cardinality""#))

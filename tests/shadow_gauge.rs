@@ -13,14 +13,7 @@ use support::{Backend, TestProxy, client, eventually, full};
 use tokio::sync::Semaphore;
 
 async fn inflight(proxy: &TestProxy) -> Option<f64> {
-    let text = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix("ficus_shadow_inflight "))
         .and_then(|v| v.parse().ok())

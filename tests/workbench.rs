@@ -137,6 +137,16 @@ async fn wait_for(c: &Client, css: &str) -> fantoccini::elements::Element {
     }
 }
 
+/// Clicks the element matching `css`, which must be on the page now.
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 async fn screenshot(c: &Client, name: &str) {
     let png = c.screenshot().await.unwrap();
     let dir = if std::env::var_os("FICUS_UPDATE_SCREENSHOTS").is_some() {
@@ -295,14 +305,7 @@ async fn a_person_works_through_a_divergence_in_the_browser() {
     // Counters reach the store in the writer's next batch.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let report: Value = http
-                .get(proxy.admin_url("/api/report"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let report: Value = proxy.report().await;
             report["routes"][0]["comparisons"]["window"] == 4
         })
         .await
@@ -335,12 +338,7 @@ async fn a_person_works_through_a_divergence_in_the_browser() {
     screenshot(&c, "groups").await;
 
     // One divergence: the differing field is highlighted in place on both sides.
-    c.find(Locator::Css("#groups tbody tr a"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#groups tbody tr a").await;
     let mark = wait_text(
         &c,
         "[data-side=\"new\"] mark.changed[data-path=\"/total\"]",
@@ -399,12 +397,7 @@ async fn a_person_works_through_a_divergence_in_the_browser() {
         .send_keys("rounding in the new pricing service")
         .await
         .unwrap();
-    c.find(Locator::Css("#save"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#save").await;
     wait_text(&c, "#rec-class", "defect").await;
     wait_text(&c, "#status", "Saved.").await;
     let stored = record(&proxy, &id).await;
@@ -443,12 +436,7 @@ async fn a_person_works_through_a_divergence_in_the_browser() {
         .click()
         .await
         .unwrap();
-    c.find(Locator::Css("#bulk-expected"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#bulk-expected").await;
     wait_text(&c, "#status", "Marked expected: 4 record(s) in 1 group(s)").await;
     wait_text(&c, "main", "No divergences match these filters.").await;
     assert_eq!(record(&proxy, &id).await["state"], "resolved");
@@ -457,14 +445,7 @@ async fn a_person_works_through_a_divergence_in_the_browser() {
     // marked expected count in neither; the resolved one still does.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let report: Value = http
-                .get(proxy.admin_url("/api/report"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let report: Value = proxy.report().await;
             report["routes"][0]["comparisons"]["window"] == 5
         })
         .await
@@ -589,19 +570,9 @@ async fn the_token_stays_out_of_the_address_and_writes_need_a_confirmation() {
         .unwrap();
     let before = (legacy.count(), new.count());
     wait_text(&c, "#replay", "Replay (write)").await;
-    c.find(Locator::Css("#replay"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#replay").await;
     wait_for(&c, "#confirm-dialog[open]").await;
-    c.find(Locator::Css("#confirm-no"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#confirm-no").await;
     wait_text(&c, "#status", "Replay cancelled.").await;
     assert_eq!(
         (legacy.count(), new.count()),
@@ -610,25 +581,10 @@ async fn the_token_stays_out_of_the_address_and_writes_need_a_confirmation() {
     );
 
     // Confirmed: the write goes to both sides again.
-    c.find(Locator::Css("#replay"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#replay").await;
     wait_for(&c, "#confirm-dialog[open]").await;
-    c.find(Locator::Css("#confirm-check"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    c.find(Locator::Css("#confirm-yes"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#confirm-check").await;
+    click(&c, "#confirm-yes").await;
     wait_text(&c, "#status", "Replay still diverges").await;
     assert_eq!((legacy.count(), new.count()), (before.0 + 1, before.1 + 1));
     c.close().await.unwrap();
@@ -775,20 +731,10 @@ async fn time_filters_bulk_replay_and_the_keyboard() {
         .await
         .unwrap();
     let before = (legacy.count(), new.count());
-    c.find(Locator::Css("#bulk-replay"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#bulk-replay").await;
     let text = wait_text(&c, "#confirm-dialog[open] #confirm-text", "POST").await;
     assert!(text.contains("not safe"), "{text}");
-    c.find(Locator::Css("#confirm-no"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#confirm-no").await;
     wait_text(&c, "#status", "Replay cancelled.").await;
     assert_eq!(
         (legacy.count(), new.count()),
@@ -798,25 +744,10 @@ async fn time_filters_bulk_replay_and_the_keyboard() {
 
     // Confirmed: both writes go to both sides again, and the page says what happened to each.
     let confirm_replay = || async {
-        c.find(Locator::Css("#bulk-replay"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#bulk-replay").await;
         wait_for(&c, "#confirm-dialog[open]").await;
-        c.find(Locator::Css("#confirm-check"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        c.find(Locator::Css("#confirm-yes"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "#confirm-check").await;
+        click(&c, "#confirm-yes").await;
     };
     confirm_replay().await;
     wait_text(

@@ -240,6 +240,30 @@ impl TestProxy {
         format!("http://{}{path}", self.ficus.admin_addr())
     }
 
+    /// The text of the admin `/metrics` page now.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The admin `/api/report` now (without a token).
+    pub async fn report(&self) -> serde_json::Value {
+        client()
+            .get(self.admin_url("/api/report"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The records in the store now, newest first.
     pub async fn records(&self) -> Vec<ficus::record::Record> {
         let filter = ficus::store::Filter {
