@@ -172,6 +172,62 @@ impl RedisStore {
     }
 
     /// Every index a record is in, and the record key first.
+    /// How many ids lie in every one of `keys` (same-score index sets) between the lex bounds
+    /// `lower` and `upper`. One index: ZLEXCOUNT. More: the smallest is walked in pages of ids,
+    /// each page checked against the others with ZMSCORE; exact however many there are.
+    async fn count_range(
+        &self,
+        keys: &[String],
+        mut lower: String,
+        upper: &str,
+    ) -> Result<u64, StoreError> {
+        const PAGE: isize = 1000;
+        if let [one] = keys {
+            let n: u64 = with_conn!(self, c => redis::cmd("ZLEXCOUNT")
+                .arg(one)
+                .arg(&lower)
+                .arg(upper)
+                .query_async(&mut c)
+                .await?);
+            return Ok(n);
+        }
+        let mut sizes = Vec::with_capacity(keys.len());
+        for k in keys {
+            let n: u64 = with_conn!(self, c => c.zcard(k).await?);
+            sizes.push(n);
+        }
+        let smallest = (0..keys.len()).min_by_key(|&i| sizes[i]).unwrap_or(0);
+        let walk = &keys[smallest];
+        let others: Vec<&String> = (0..keys.len())
+            .filter(|&i| i != smallest)
+            .map(|i| &keys[i])
+            .collect();
+        let mut n = 0;
+        loop {
+            let ids: Vec<String> =
+                with_conn!(self, c => c.zrangebylex_limit(walk, &lower, upper, 0, PAGE).await?);
+            let Some(last) = ids.last() else {
+                return Ok(n);
+            };
+            lower = format!("({last}");
+            let mut present = vec![true; ids.len()];
+            for other in &others {
+                let scores: Vec<Option<f64>> = with_conn!(self, c => redis::cmd("ZMSCORE")
+                    .arg(*other)
+                    .arg(&ids)
+                    .query_async(&mut c)
+                    .await?);
+                for (p, score) in present.iter_mut().zip(scores) {
+                    *p &= score.is_some();
+                }
+            }
+            n += present.iter().filter(|&&p| p).count() as u64;
+            if ids.len() < PAGE as usize {
+                return Ok(n);
+            }
+        }
+    }
+
     fn keys_of(&self, r: &Record) -> Vec<String> {
         let mut keys = vec![
             self.rec(&r.id),
@@ -375,23 +431,27 @@ impl Store for RedisStore {
 
     fn count<'a>(&'a self, f: &'a Filter) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
+            // Exact, from the indexes the filter names (no record is read): every index holds
+            // the ids of its records, and ids sort by time (UUIDv7), so a time bound is a
+            // range of ids.
+            let mut keys = Vec::new();
+            if let Some(route) = &f.route {
+                keys.push(self.key(&["idx", "route", route]));
+            }
+            if let Some(state) = f.state {
+                keys.push(self.state_key(state));
+            }
+            if let Some(class) = &f.class {
+                keys.push(self.key(&["idx", "class", class]));
+            }
+            if let Some(fp) = &f.fingerprint {
+                keys.push(self.key(&["idx", "fp", fp]));
+            }
+            if keys.is_empty() {
+                keys.push(self.key(&["idx", "all"]));
+            }
             if f.since_ms.is_none() && f.until_ms.is_none() {
-                // Exact and cheap: the intersection of the indexes the filter names.
-                let mut keys = Vec::new();
-                if let Some(route) = &f.route {
-                    keys.push(self.key(&["idx", "route", route]));
-                }
-                if let Some(state) = f.state {
-                    keys.push(self.state_key(state));
-                }
-                if let Some(class) = &f.class {
-                    keys.push(self.key(&["idx", "class", class]));
-                }
-                if let Some(fp) = &f.fingerprint {
-                    keys.push(self.key(&["idx", "fp", fp]));
-                }
                 let n: u64 = match keys.as_slice() {
-                    [] => with_conn!(self, c => c.zcard(self.key(&["idx", "all"])).await?),
                     [one] => with_conn!(self, c => c.zcard(one).await?),
                     many => with_conn!(self, c => redis::cmd("ZINTERCARD")
                         .arg(many.len())
@@ -401,35 +461,13 @@ impl Store for RedisStore {
                 };
                 return Ok(n);
             }
-            // A route's records in one state from a time on (the report's question): walk the
-            // indexes, not the records.
-            if let (Some(route), Some(state), Some(since), None, None, None) = (
-                &f.route,
-                f.state,
-                f.since_ms,
-                &f.class,
-                &f.fingerprint,
-                f.until_ms,
-            ) {
-                let (times, _) = self.record_times(route, state, since, 100_000).await?;
-                return Ok(times.len() as u64);
-            }
-            // Other time bounds: walk the pages (bounded), as a list would.
-            let mut page = Filter {
-                limit: 1000,
-                cursor: None,
-                ..f.clone()
-            };
-            let mut n = 0;
-            for _ in 0..100 {
-                let p = self.list(&page).await?;
-                n += p.items.len() as u64;
-                match p.next {
-                    Some(next) => page.cursor = Some(next),
-                    None => break,
-                }
-            }
-            Ok(n)
+            let lower = f
+                .since_ms
+                .map_or("-".to_string(), |s| format!("[{}", id_prefix(s)));
+            let upper = f
+                .until_ms
+                .map_or("+".to_string(), |u| format!("({}", id_prefix(u)));
+            self.count_range(&keys, lower, &upper).await
         })
     }
 
