@@ -193,7 +193,8 @@ fn classify(headers: &HeaderMap, body: &Decoded<'_>) -> Class {
     };
     let (kind, subtype) = media.split_once('/').unwrap_or((media.as_str(), ""));
     match kind {
-        "application" if subtype == "json" || subtype.ends_with("+json") => {
+        // `text/json` too: older stacks (ASP.NET among them) still send it.
+        "application" | "text" if subtype == "json" || subtype.ends_with("+json") => {
             Class::Json { declared: true }
         }
         "text" => Class::Text,

@@ -26,9 +26,12 @@ use super::pattern::{Pattern, Seg, render};
 /// parsed bodies never reach it; past it, subtrees are compared whole.
 pub(crate) const MAX_DEPTH: usize = 128;
 
-/// Comparisons an unordered array may spend pairing equal elements before the rest is
-/// treated as changed (still a correct patch, only a longer one).
-const UNORDERED_BUDGET: usize = 250_000;
+/// The work one comparison may spend searching for equal elements (element comparisons, and
+/// steps of the unordered pairing search), whatever the documents' shape: arrays nested in
+/// arrays multiply their searches, and a comparison runs on a thread that has other work.
+/// Past it, elements not yet paired are treated as changed: still a correct patch, only a
+/// longer one. Documents with a few thousand elements per array never get near it.
+pub(crate) const WORK_BUDGET: usize = 4_000_000;
 
 /// The compiled body rules of a comparator.
 #[derive(Debug, Clone, Default)]
@@ -138,13 +141,57 @@ fn key_of<'v>(v: &'v Value, field: &str) -> Option<Key<'v>> {
 
 /// The operations turning `legacy` into `new` under `rules`.
 pub(crate) fn diff(rules: &Rules, legacy: &Value, new: &Value) -> Vec<PatchOp> {
+    diff_counted(rules, legacy, new).0
+}
+
+/// [`diff`], and the work it spent (at most [`WORK_BUDGET`]).
+pub(crate) fn diff_counted(rules: &Rules, legacy: &Value, new: &Value) -> (Vec<PatchOp>, usize) {
     let mut walker = Walker {
         rules,
         path: Vec::new(),
         out: Vec::new(),
+        work: WORK_BUDGET,
     };
     walker.diff(legacy, new, 0);
-    walker.out
+    (walker.out, WORK_BUDGET - walker.work)
+}
+
+/// A hash of a value under which values that are equal element for element (object keys in
+/// any order, numbers by value as [`Rules::number_eq`] without tolerance compares them) hash
+/// the same. Unordered arrays use it to pair equal elements without a quadratic search;
+/// every pairing it proposes is confirmed by a real comparison.
+fn value_hash(v: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn feed(v: &Value, h: &mut std::hash::DefaultHasher) {
+        match v {
+            Value::Null => 0u8.hash(h),
+            Value::Bool(b) => (1u8, b).hash(h),
+            Value::Number(n) => match exact_int(n) {
+                Some(i) => (2u8, i).hash(h),
+                None => (3u8, n.as_f64().unwrap_or(f64::NAN).to_bits()).hash(h),
+            },
+            Value::String(s) => (4u8, s).hash(h),
+            Value::Array(a) => {
+                (5u8, a.len()).hash(h);
+                for e in a {
+                    feed(e, h);
+                }
+            }
+            Value::Object(o) => {
+                // Entries combine by a sum, which does not depend on their order.
+                let sum = o.iter().fold(0u64, |acc, (k, e)| {
+                    let mut eh = std::hash::DefaultHasher::new();
+                    k.hash(&mut eh);
+                    feed(e, &mut eh);
+                    acc.wrapping_add(eh.finish())
+                });
+                (6u8, o.len(), sum).hash(h);
+            }
+        }
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    feed(v, &mut h);
+    h.finish()
 }
 
 /// What an unordered comparison paired up.
@@ -159,6 +206,8 @@ struct Walker<'r, 'v> {
     rules: &'r Rules,
     path: Vec<Seg<'v>>,
     out: Vec<PatchOp>,
+    /// What is left of [`WORK_BUDGET`].
+    work: usize,
 }
 
 impl<'v> Walker<'_, 'v> {
@@ -234,6 +283,11 @@ impl<'v> Walker<'_, 'v> {
     }
 
     fn eq(&mut self, a: &'v Value, b: &'v Value, depth: usize) -> bool {
+        // Out of budget, "different" is always a sound answer (see the module's comment).
+        if self.work == 0 {
+            return false;
+        }
+        self.work -= 1;
         let same = match (a, b) {
             _ if depth >= MAX_DEPTH => a == b,
             (Value::Object(x), Value::Object(y)) => return self.eq_objects(x, y, depth),
@@ -343,6 +397,8 @@ impl<'v> Walker<'_, 'v> {
         let (n, m) = (x.len(), y.len());
         let budget = myers::edit_budget(n, m);
         let pairs = match key {
+            // Out of budget: every element changed, paired up by position.
+            None if self.work == 0 => Vec::new(),
             None => myers::align(n, m, budget, |i, j| {
                 self.eq_at(Seg::Index(j), &x[i], &y[j], depth + 1)
             }),
@@ -436,7 +492,38 @@ impl<'v> Walker<'_, 'v> {
                 taken[i] = true;
             }
         }
-        let mut budget = UNORDERED_BUDGET;
+        // Equal elements, found by hash in one pass whatever the order.
+        let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
+        for j in (0..m).rev() {
+            if !taken[j] && keyless(&y[j]) {
+                by_hash.entry(value_hash(&y[j])).or_default().push(j);
+            }
+        }
+        if !by_hash.is_empty() {
+            for i in 0..n {
+                if partner[i].is_some() || !keyless(&x[i]) {
+                    continue;
+                }
+                if self.work == 0 {
+                    break;
+                }
+                let Some(candidates) = by_hash.get_mut(&value_hash(&x[i])) else {
+                    continue;
+                };
+                // Candidates run from the highest new index down: take the lowest that is
+                // equal (a hash collision, rare, is passed over).
+                if let Some(pos) = candidates
+                    .iter()
+                    .rposition(|&j| self.eq_at(Seg::Index(i), &x[i], &y[j], depth + 1))
+                {
+                    let j = candidates.remove(pos);
+                    partner[i] = Some(j);
+                    taken[j] = true;
+                }
+            }
+        }
+        // What is left may be equal under the rules (an ignored field, a tolerance, nested
+        // unordered arrays) without being equal element for element: a bounded search.
         for i in 0..n {
             if partner[i].is_some() || !keyless(&x[i]) {
                 continue;
@@ -445,10 +532,10 @@ impl<'v> Walker<'_, 'v> {
                 if taken[j] || !keyless(&y[j]) {
                     continue;
                 }
-                if budget == 0 {
+                if self.work == 0 {
                     break;
                 }
-                budget -= 1;
+                self.work -= 1;
                 if self.eq_at(Seg::Index(i), &x[i], &y[j], depth + 1) {
                     partner[i] = Some(j);
                     taken[j] = true;

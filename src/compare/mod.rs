@@ -16,6 +16,8 @@ mod redact;
 mod text;
 
 #[cfg(test)]
+mod edge_tests;
+#[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
 mod tests;
