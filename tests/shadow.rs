@@ -603,3 +603,45 @@ async fn a_request_refused_for_its_body_size_still_counts_one_outcome() {
         "no upstream saw either"
     );
 }
+
+/// Large answers are compared on a comparison thread, not on the worker that serves clients,
+/// and come out the same: compared, recorded, with the difference where it is.
+#[tokio::test]
+async fn large_answers_are_compared_off_the_worker_and_recorded() {
+    let items = |price: f64| -> Vec<Value> {
+        (0..1500)
+            .map(|i| json!({"id": i, "name": format!("item {i}"), "price": if i == 700 { price } else { 1.5 }}))
+            .collect()
+    };
+    let legacy = json_backend("legacy", json!({ "items": items(1.5) })).await;
+    let new = json_backend("new", json!({ "items": items(2.5) })).await;
+    assert!(
+        json!({ "items": items(1.5) }).to_string().len() > ficus::shadow::offload::INLINE_BYTES,
+        "the bodies must be over the inline limit"
+    );
+    let proxy = TestProxy::start(&shadow_rules("sample = 1.0"), legacy.url(), new.url()).await;
+    for _ in 0..3 {
+        let resp = client().get(proxy.url("/api/big")).send().await.unwrap();
+        assert_eq!(backend_of(&resp), "legacy");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["items"][700]["price"], 1.5);
+    }
+    assert!(wait_outcomes(&proxy, 3).await);
+    assert_eq!(outcome(&proxy, "compared"), 3);
+    let records = proxy.wait_records(3).await;
+    assert_eq!(records.len(), 3);
+    for r in &records {
+        assert_eq!(
+            serde_json::to_value(&r.diffs).unwrap(),
+            json!([{"in": "body", "op": "replace", "path": "/items/700/price", "old": 1.5, "value": 2.5}])
+        );
+    }
+    let offloaded = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ficus_shadow_compare_offloaded_total "))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+    };
+    // No other test of this binary has answers this large, so the count is this test's.
+    assert_eq!(offloaded(&proxy.metrics().await), Some(3));
+}

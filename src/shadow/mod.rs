@@ -6,6 +6,7 @@
 //! run in a task of their own. The work is bounded (in-flight permits and a memory budget)
 //! and every request of a shadowed route ends in exactly one counted [`Outcome`].
 
+pub mod offload;
 pub mod tee;
 
 use std::collections::HashMap;
@@ -376,11 +377,24 @@ pub struct Shadower {
     policy: Policy,
     /// Divergent-field paths per route that have a series of their own.
     field_paths: Mutex<HashMap<Arc<str>, std::collections::HashSet<String>>>,
+    /// Threads for comparisons too large for a proxy worker; `None` if none could be started
+    /// (comparisons then run inline, as small ones always do).
+    compare_pool: Option<offload::Pool>,
 }
 
 impl Shadower {
     pub fn new(settings: Settings, recorder: Arc<dyn Recorder>, policy: Policy) -> Self {
+        // Half the cores: large comparisons wait for a thread rather than take CPU from the
+        // workers that serve clients.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get() / 2);
+        let offloaded = metrics::counter!(telemetry::SHADOW_COMPARE_OFFLOADED_TOTAL);
+        let compare_pool = offload::Pool::new(threads, offloaded)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "no comparison threads; large comparisons run inline")
+            })
+            .ok();
         Self {
+            compare_pool,
             policy,
             inflight: Arc::new(Semaphore::new(settings.max_inflight)),
             budget: Arc::new(MemoryBudget::new(settings.max_memory)),
@@ -566,9 +580,10 @@ impl Shadower {
             Side::Legacy => (authority, shadow),
             Side::New => (shadow, authority),
         };
-        let comparison = route
-            .comparator
-            .compare(&legacy.as_compare(), &new.as_compare());
+        let Some((comparison, legacy, new)) = self.compare(&route.comparator, legacy, new).await
+        else {
+            return Outcome::Aborted;
+        };
         route.counters.legacy.record(legacy.latency, legacy.status);
         route.counters.new.record(new.latency, new.status);
         // A sampled trace of comparisons for debugging: paths and counts, never values.
@@ -712,6 +727,35 @@ impl Shadower {
         }
     }
 
+    /// Compares two captured answers: inline when they are small, else on a comparison
+    /// thread (see [`offload`]), handing them back with the result. `None` only if the
+    /// comparison could not run to its end.
+    async fn compare(
+        &self,
+        comparator: &Arc<Comparator>,
+        legacy: Captured,
+        new: Captured,
+    ) -> Option<(Comparison, Captured, Captured)> {
+        let large = offload::worth_offloading(
+            (&legacy.headers, legacy.body.len()),
+            (&new.headers, new.body.len()),
+        );
+        match &self.compare_pool {
+            Some(pool) if large => {
+                let comparator = comparator.clone();
+                pool.run(move || {
+                    let c = comparator.compare(&legacy.as_compare(), &new.as_compare());
+                    (c, legacy, new)
+                })
+                .await
+            }
+            _ => {
+                let c = comparator.compare(&legacy.as_compare(), &new.as_compare());
+                Some((c, legacy, new))
+            }
+        }
+    }
+
     /// Asks legacy a second time; paths where its two answers differ are noise.
     async fn probe_noise(
         &self,
@@ -734,9 +778,10 @@ impl Shadower {
         else {
             return;
         };
-        let noise = route
-            .comparator
-            .compare(&legacy.as_compare(), &again.as_compare());
+        let Some((noise, _, _)) = self.compare(&route.comparator, legacy.clone(), again).await
+        else {
+            return;
+        };
         let paths: Vec<String> = noise.body_paths().map(compare::generalize).collect();
         if !paths.is_empty() {
             debug!(route = %route.name, paths = ?paths, "learned noisy fields");
@@ -795,6 +840,7 @@ pub fn is_safe(method: &Method) -> bool {
 }
 
 /// A complete response held for comparison.
+#[derive(Clone)]
 struct Captured {
     status: StatusCode,
     headers: HeaderMap,

@@ -85,6 +85,10 @@ fn describe() {
         "Unix time of the last successful rules load."
     );
     describe_gauge!(SHADOW_INFLIGHT, "Shadow exchanges running now.");
+    describe_counter!(
+        SHADOW_COMPARE_OFFLOADED_TOTAL,
+        "Comparisons run on a comparison thread instead of a proxy worker (large or compressed bodies)."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version is a label.");
     describe_gauge!(
         ROUTE_OVERRIDE,

@@ -26,6 +26,7 @@ pub const STORE_QUEUE_DEPTH: &str = "ficus_store_queue_depth";
 pub const STORE_SPOOLED_RECORDS: &str = "ficus_store_spooled_records";
 /// `ficus_shadow_inflight`.
 pub const SHADOW_INFLIGHT: &str = "ficus_shadow_inflight";
+pub const SHADOW_COMPARE_OFFLOADED_TOTAL: &str = "ficus_shadow_compare_offloaded_total";
 /// `ficus_route_override{route}`: 1 while an emergency override is in force.
 pub const ROUTE_OVERRIDE: &str = "ficus_route_override";
 /// `ficus_build_info{version}`.

@@ -1,0 +1,136 @@
+//! Comparisons of large bodies run on threads of their own, never on a proxy worker.
+//!
+//! ficus runs one single-threaded runtime per core, and a shadow's comparison runs in the
+//! task of its exchange. Comparing two 1 KiB answers takes microseconds, but two 1 MiB JSON
+//! documents take tens of milliseconds of CPU (parsing both is most of it), and all that time
+//! every other client of that worker would wait. Past [`INLINE_BYTES`] (or when a body is
+//! compressed, as its decoded size is unknown) the comparison is handed to a small pool of
+//! threads, and the shadow task waits for its result without holding the worker.
+//!
+//! The queue needs no bound of its own: every job belongs to a mirrored exchange, which holds
+//! one of the shadow in-flight permits until it ends, so at most `max_inflight` jobs wait.
+//! When the pool is busy, permits run out and new shadows are dropped and counted
+//! (`dropped_overload`) instead of taking CPU from clients.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use http::HeaderMap;
+use metrics::Counter;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+/// Bodies of at most this many bytes together are compared inline: about a quarter of a
+/// millisecond of CPU at the diff benchmark's rate, less than handing them over is worth.
+pub const INLINE_BYTES: usize = 16 << 10;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The comparison threads. Dropping the pool lets them finish their queue and exit.
+pub struct Pool {
+    jobs: mpsc::Sender<Job>,
+    offloaded: Counter,
+}
+
+impl Pool {
+    /// Starts `threads` (at least one) threads named `ficus-compare`.
+    pub fn new(threads: usize, offloaded: Counter) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name("ficus-compare".into())
+                .spawn(move || {
+                    loop {
+                        // The lock is held only to take the next job, not to run it.
+                        let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                        let Ok(job) = job else { return };
+                        // A panic would be a bug in the diff engine, which promises never to
+                        // panic on input; it costs that one comparison, not the thread.
+                        if catch_unwind(AssertUnwindSafe(job)).is_err() {
+                            warn!("a comparison panicked; its exchange ends aborted");
+                        }
+                    }
+                })?;
+        }
+        Ok(Pool {
+            jobs: tx,
+            offloaded,
+        })
+    }
+
+    /// Runs `f` on a comparison thread and waits for its result without blocking the
+    /// caller's thread; `None` if it could not run (the pool is gone, or `f` panicked).
+    pub async fn run<T, F>(&self, f: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs.send(job).ok()?;
+        self.offloaded.increment(1);
+        rx.await.ok()
+    }
+}
+
+/// Whether comparing these bodies belongs on the pool: large, or compressed (its decoded
+/// size is known only once decoded, up to the comparator's cap).
+pub fn worth_offloading(legacy: (&HeaderMap, usize), new: (&HeaderMap, usize)) -> bool {
+    let encoded = |h: &HeaderMap| {
+        h.get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    };
+    legacy.1 + new.1 > INLINE_BYTES || encoded(legacy.0) || encoded(new.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter() -> Counter {
+        Counter::noop()
+    }
+
+    #[tokio::test]
+    async fn runs_jobs_off_the_caller_thread_and_survives_a_panic() {
+        let pool = Pool::new(1, counter()).unwrap();
+        let caller = std::thread::current().id();
+        let (name, id) = pool
+            .run(|| {
+                let t = std::thread::current();
+                (t.name().map(str::to_string), t.id())
+            })
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("ficus-compare"));
+        assert_ne!(id, caller);
+        assert_eq!(pool.run(|| -> u32 { panic!("boom") }).await, None);
+        // The one thread is still there.
+        assert_eq!(pool.run(|| 7).await, Some(7));
+    }
+
+    #[test]
+    fn small_plain_bodies_stay_inline() {
+        let plain = HeaderMap::new();
+        let mut gzip = HeaderMap::new();
+        gzip.insert(http::header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        let mut identity = HeaderMap::new();
+        identity.insert(http::header::CONTENT_ENCODING, "identity".parse().unwrap());
+        assert!(!worth_offloading((&plain, 1024), (&plain, 1024)));
+        assert!(!worth_offloading((&identity, 1024), (&plain, 1024)));
+        assert!(!worth_offloading(
+            (&plain, INLINE_BYTES / 2),
+            (&plain, INLINE_BYTES / 2)
+        ));
+        assert!(worth_offloading(
+            (&plain, INLINE_BYTES / 2),
+            (&plain, INLINE_BYTES / 2 + 1)
+        ));
+        assert!(worth_offloading((&plain, 10), (&gzip, 10)));
+    }
+}
