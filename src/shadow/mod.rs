@@ -380,6 +380,7 @@ pub struct Shadower {
     /// Threads for comparisons too large for a proxy worker; `None` if none could be started
     /// (comparisons then run inline, as small ones always do).
     compare_pool: Option<offload::Pool>,
+    compare_offloaded: Counter,
 }
 
 impl Shadower {
@@ -387,14 +388,14 @@ impl Shadower {
         // Half the cores: large comparisons wait for a thread rather than take CPU from the
         // workers that serve clients.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get() / 2);
-        let offloaded = metrics::counter!(telemetry::SHADOW_COMPARE_OFFLOADED_TOTAL);
-        let compare_pool = offload::Pool::new(threads, offloaded)
+        let compare_pool = offload::Pool::new(threads)
             .inspect_err(|e| {
                 tracing::warn!(error = %e, "no comparison threads; large comparisons run inline")
             })
             .ok();
         Self {
             compare_pool,
+            compare_offloaded: metrics::counter!(telemetry::SHADOW_COMPARE_OFFLOADED_TOTAL),
             policy,
             inflight: Arc::new(Semaphore::new(settings.max_inflight)),
             budget: Arc::new(MemoryBudget::new(settings.max_memory)),
@@ -617,24 +618,12 @@ impl Shadower {
         } else {
             counters.diverged.fetch_add(1, Ordering::Relaxed);
             counters.comparisons[1].increment(1);
-            let record = Record::build(
-                Exchange {
-                    route: &route.name,
-                    authority: route.authority,
-                    request_id: head.request_id.to_str().unwrap_or_default(),
-                    method: &head.method,
-                    uri: &head.uri,
-                    request_headers: &head.headers,
-                    request_body: &body,
-                    legacy: legacy.captured(),
-                    new: new.captured(),
-                    diffs,
-                    noisy_diffs,
-                    comparator: &route.comparator,
-                },
-                &self.policy,
-                SystemTime::now(),
-            );
+            let Some(record) = self
+                .build_record(route, head, &body, legacy, new, diffs, noisy_diffs)
+                .await
+            else {
+                return Outcome::Aborted;
+            };
             // Paths only: values are body data, and bodies never go to logs.
             info!(
                 target: "ficus::divergence",
@@ -742,6 +731,7 @@ impl Shadower {
         );
         match &self.compare_pool {
             Some(pool) if large => {
+                self.compare_offloaded.increment(1);
                 let comparator = comparator.clone();
                 pool.run(move || {
                     let c = comparator.compare(&legacy.as_compare(), &new.as_compare());
@@ -753,6 +743,61 @@ impl Shadower {
                 let c = comparator.compare(&legacy.as_compare(), &new.as_compare());
                 Some((c, legacy, new))
             }
+        }
+    }
+
+    /// The record of a diverged exchange. Building it reads the bodies (UTF-8 checks, and
+    /// redaction parses JSON), so large ones are built where large comparisons run.
+    #[allow(clippy::too_many_arguments)]
+    async fn build_record(
+        &self,
+        route: &RouteContext,
+        head: &MirroredHead,
+        body: &Bytes,
+        legacy: Captured,
+        new: Captured,
+        diffs: Vec<Difference>,
+        noisy_diffs: Vec<Difference>,
+    ) -> Option<Record> {
+        let large = offload::worth_offloading(
+            (&legacy.headers, legacy.body.len() + body.len()),
+            (&new.headers, new.body.len()),
+        );
+        let now = SystemTime::now();
+        let build = {
+            let (name, authority, comparator) = (
+                route.name.clone(),
+                route.authority,
+                route.comparator.clone(),
+            );
+            let request_id = head.request_id.to_str().unwrap_or_default().to_string();
+            let (method, uri, headers) =
+                (head.method.clone(), head.uri.clone(), head.headers.clone());
+            let (body, policy) = (body.clone(), self.policy.clone());
+            move || {
+                Record::build(
+                    Exchange {
+                        route: &name,
+                        authority,
+                        request_id: &request_id,
+                        method: &method,
+                        uri: &uri,
+                        request_headers: &headers,
+                        request_body: &body,
+                        legacy: legacy.captured(),
+                        new: new.captured(),
+                        diffs,
+                        noisy_diffs,
+                        comparator: &comparator,
+                    },
+                    &policy,
+                    now,
+                )
+            }
+        };
+        match &self.compare_pool {
+            Some(pool) if large => pool.run(build).await,
+            _ => Some(build()),
         }
     }
 

@@ -5,7 +5,9 @@
 //! documents take tens of milliseconds of CPU (parsing both is most of it), and all that time
 //! every other client of that worker would wait. Past [`INLINE_BYTES`] (or when a body is
 //! compressed, as its decoded size is unknown) the comparison is handed to a small pool of
-//! threads, and the shadow task waits for its result without holding the worker.
+//! threads, and the shadow task waits for its result without holding the worker. Building the
+//! record of such an exchange, which reads the bodies again (and parses them to redact), runs
+//! there too.
 //!
 //! The queue needs no bound of its own: every job belongs to a mirrored exchange, which holds
 //! one of the shadow in-flight permits until it ends, so at most `max_inflight` jobs wait.
@@ -17,7 +19,6 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use http::HeaderMap;
-use metrics::Counter;
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -30,12 +31,11 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The comparison threads. Dropping the pool lets them finish their queue and exit.
 pub struct Pool {
     jobs: mpsc::Sender<Job>,
-    offloaded: Counter,
 }
 
 impl Pool {
     /// Starts `threads` (at least one) threads named `ficus-compare`.
-    pub fn new(threads: usize, offloaded: Counter) -> std::io::Result<Self> {
+    pub fn new(threads: usize) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..threads.max(1) {
@@ -50,15 +50,14 @@ impl Pool {
                         // A panic would be a bug in the diff engine, which promises never to
                         // panic on input; it costs that one comparison, not the thread.
                         if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                            warn!("a comparison panicked; its exchange ends aborted");
+                            warn!(
+                                "a job on a comparison thread panicked; its exchange ends aborted"
+                            );
                         }
                     }
                 })?;
         }
-        Ok(Pool {
-            jobs: tx,
-            offloaded,
-        })
+        Ok(Pool { jobs: tx })
     }
 
     /// Runs `f` on a comparison thread and waits for its result without blocking the
@@ -73,7 +72,6 @@ impl Pool {
             let _ = tx.send(f());
         });
         self.jobs.send(job).ok()?;
-        self.offloaded.increment(1);
         rx.await.ok()
     }
 }
@@ -92,13 +90,9 @@ pub fn worth_offloading(legacy: (&HeaderMap, usize), new: (&HeaderMap, usize)) -
 mod tests {
     use super::*;
 
-    fn counter() -> Counter {
-        Counter::noop()
-    }
-
     #[tokio::test]
     async fn runs_jobs_off_the_caller_thread_and_survives_a_panic() {
-        let pool = Pool::new(1, counter()).unwrap();
+        let pool = Pool::new(1).unwrap();
         let caller = std::thread::current().id();
         let (name, id) = pool
             .run(|| {
