@@ -492,10 +492,15 @@ impl<'v> Walker<'_, 'v> {
                 taken[i] = true;
             }
         }
-        // Equal elements, found by hash in one pass whatever the order.
+        // Equal elements, found by hash in one pass whatever the order. Hashing is charged to
+        // the budget too (an element each), or arrays nested in arrays could hash without end.
         let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
         for j in (0..m).rev() {
+            if self.work == 0 {
+                break;
+            }
             if !taken[j] && keyless(&y[j]) {
+                self.work -= 1;
                 by_hash.entry(value_hash(&y[j])).or_default().push(j);
             }
         }
@@ -507,6 +512,7 @@ impl<'v> Walker<'_, 'v> {
                 if self.work == 0 {
                     break;
                 }
+                self.work -= 1;
                 let Some(candidates) = by_hash.get_mut(&value_hash(&x[i])) else {
                     continue;
                 };
