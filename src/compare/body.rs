@@ -12,16 +12,17 @@ use super::{BinarySummary, BodyDiff, BodyKind, Comparator, Difference, Response,
 use super::{json, text};
 
 /// Compares the two bodies and appends the body differences.
+/// Compares the bodies; `true` if the JSON walk ran out of its work budget.
 pub(super) fn compare(
     cmp: &Comparator,
     legacy: &Response<'_>,
     new: &Response<'_>,
     out: &mut Vec<Difference>,
-) {
+) -> bool {
     let (old_codings, new_codings) = (codings(legacy.headers), codings(new.headers));
     // The common case, identical bytes, costs one memcmp and no decompression.
     if legacy.body == new.body && old_codings == new_codings {
-        return;
+        return false;
     }
     let cap = cmp.max_decompressed_bytes;
     let decoded = (
@@ -32,19 +33,25 @@ pub(super) fn compare(
         (Ok(o), Ok(n)) => (o, n),
         (o, n) => {
             out.extend(o.err().into_iter().chain(n.err()).map(Difference::Body));
-            return;
+            return false;
         }
     };
     if old_raw.bytes == new_raw.bytes {
-        return;
+        return false;
     }
     let old = parse(classify(legacy.headers, &old_raw), &old_raw.bytes);
     let value = parse(classify(new.headers, &new_raw), &new_raw.bytes);
     let diff = match (old, value) {
         (Parsed::Json(a), Parsed::Json(b)) => {
-            let ops = json::diff(&cmp.rules, &a, &b);
-            out.extend(ops.into_iter().map(|op| Difference::Body(BodyDiff::Op(op))));
-            return;
+            let budget = json::budget_for(old_raw.bytes.len() + new_raw.bytes.len());
+            let diffed = json::diff(&cmp.rules, &a, &b, budget);
+            out.extend(
+                diffed
+                    .ops
+                    .into_iter()
+                    .map(|op| Difference::Body(BodyDiff::Op(op))),
+            );
+            return diffed.exhausted;
         }
         (a, b) if a.is_malformed() || b.is_malformed() => {
             for (side, r) in [(Side::Legacy, a), (Side::New, b)] {
@@ -52,7 +59,7 @@ pub(super) fn compare(
                     out.push(Difference::Body(BodyDiff::MalformedJson { side, error }));
                 }
             }
-            return;
+            return false;
         }
         (a, b) if a.kind() == BodyKind::Json || b.kind() == BodyKind::Json => {
             BodyDiff::ContentType {
@@ -70,6 +77,7 @@ pub(super) fn compare(
         },
     };
     out.push(Difference::Body(diff));
+    false
 }
 
 /// A body after content decoding.
@@ -80,7 +88,7 @@ struct Decoded<'a> {
 }
 
 /// The codings applied to the body, in the order they were applied (`identity` dropped).
-fn codings(headers: &HeaderMap) -> Vec<String> {
+pub(super) fn codings(headers: &HeaderMap) -> Vec<String> {
     let mut out = Vec::new();
     for value in headers.get_all(http::header::CONTENT_ENCODING) {
         for coding in String::from_utf8_lossy(value.as_bytes()).split(',') {

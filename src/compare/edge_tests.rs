@@ -340,8 +340,13 @@ fn reversed_large_unordered_array_is_equal_as_a_multiset() {
         d.len(),
         d.first()
     );
-    let (ops, work) =
-        json::diff_counted(&cmp.rules, &json!({ "ids": ids }), &json!({ "ids": rev }));
+    let diffed = json::diff(
+        &cmp.rules,
+        &json!({ "ids": ids }),
+        &json!({ "ids": rev }),
+        json::WORK_BUDGET,
+    );
+    let (ops, work) = (diffed.ops, diffed.spent);
     assert!(ops.is_empty());
     assert!(work < 10_000, "{work}");
     // Reordered objects with keys in another order, and numbers spelt differently.
@@ -353,7 +358,13 @@ fn reversed_large_unordered_array_is_equal_as_a_multiset() {
         .rev()
         .map(|v| json!({"s": v["s"], "n": v["n"].as_f64().unwrap()}))
         .collect();
-    let (ops, work) = json::diff_counted(&cmp.rules, &json!({ "ids": a }), &json!({ "ids": b }));
+    let diffed = json::diff(
+        &cmp.rules,
+        &json!({ "ids": a }),
+        &json!({ "ids": b }),
+        json::WORK_BUDGET,
+    );
+    let (ops, work) = (diffed.ops, diffed.spent);
     assert!(ops.is_empty(), "{:?}", ops.first());
     assert!(work < 20_000, "{work}");
 }
@@ -377,7 +388,9 @@ fn nested_unordered_arrays_share_one_work_budget() {
     };
     let a = json!({"items": (0..n).map(|i| item(i, i)).collect::<Vec<_>>()});
     let b = json!({"items": (0..n).map(|i| item(i + 1, i + n)).collect::<Vec<_>>()});
-    let (ops, work) = json::diff_counted(&cmp.rules, &a, &b);
+    let diffed = json::diff(&cmp.rules, &a, &b, json::WORK_BUDGET);
+    assert!(diffed.exhausted);
+    let (ops, work) = (diffed.ops, diffed.spent);
     assert_eq!(work, json::WORK_BUDGET, "the budget is what stopped it");
     let d: Vec<Value> = ops
         .into_iter()
@@ -736,4 +749,118 @@ fn key_field_that_is_ignored_as_chosen() {
         &json!({"items": [{"id": 2, "v": 1}]}),
     );
     assert_eq!(d.len(), 2, "{d:?}");
+}
+
+// ---- the work budget (from a review of the budget) ----
+
+/// Pairing a keyed unordered array by key touches every element before any comparison: that
+/// work is charged too. Nested under an unordered array whose items all differ, uncharged, it
+/// let one ~900 KiB pair run for 23 s within the budget.
+#[test]
+fn keyed_unordered_pairing_is_charged_to_the_budget() {
+    let cmp = cmp_of(|s| {
+        s.unordered = vec!["/items".into(), "/items/*/tags".into()];
+        s.array_keys = vec![("/items/*/tags".into(), "id".into())];
+    });
+    let item = |v: usize| {
+        let mut tags = vec![json!({"id": 0, "v": v})];
+        tags.extend((1..300).map(|i| json!({ "id": i })));
+        json!({ "tags": tags })
+    };
+    let a = json!({"items": (0..40).map(item).collect::<Vec<_>>()});
+    let b = json!({"items": (0..40).map(|i| item(i + 40)).collect::<Vec<_>>()});
+    // One inner pairing of 300 + 300 elements costs at least that much.
+    let one = json::diff(
+        &cmp.rules,
+        &json!({"items": [item(0)]}),
+        &json!({"items": [item(1)]}),
+        json::WORK_BUDGET,
+    );
+    assert!(one.spent >= 600, "{}", one.spent);
+    // A budget for a few outer pairs only: spent, and the patch still holds up to order.
+    let diffed = json::diff(&cmp.rules, &a, &b, 20_000);
+    assert!(diffed.exhausted);
+    assert_eq!(diffed.spent, 20_000);
+    let d: Vec<Value> = diffed
+        .ops
+        .into_iter()
+        .map(|op| serde_json::to_value(Difference::Body(BodyDiff::Op(op))).unwrap())
+        .collect();
+    assert_eq!(sorted(&apply_all(&a, &d).unwrap()), sorted(&b));
+}
+
+/// Small bodies are compared inline, on a proxy worker: their budget is in proportion to their
+/// size, not the 4,000,000 of a large comparison. 1,500 ids against 1,500 others (13.9 KB)
+/// would spend all of that in a pairwise search.
+#[test]
+fn small_documents_get_a_budget_in_proportion_to_their_size() {
+    let cmp = cmp_of(|s| s.unordered = vec!["/ids".into()]);
+    let a = json!({ "ids": (0..1500).collect::<Vec<u32>>() });
+    let b = json!({ "ids": (1500..3000).collect::<Vec<u32>>() });
+    let bytes = a.to_string().len() + b.to_string().len();
+    assert!(bytes < 16 << 10);
+    let budget = json::budget_for(bytes);
+    assert_eq!(budget, bytes * 8);
+    assert_eq!(json::budget_for(1), 50_000);
+    assert_eq!(json::budget_for(100 << 20), json::WORK_BUDGET);
+    let c = cmp.compare(
+        &Response {
+            status: 200,
+            headers: &headers(JSON),
+            body: a.to_string().as_bytes(),
+        },
+        &Response {
+            status: 200,
+            headers: &headers(JSON),
+            body: b.to_string().as_bytes(),
+        },
+    );
+    assert!(c.exhausted, "the search stopped at the small budget");
+    let d = serde_json::to_value(&c.diffs).unwrap();
+    let d = d.as_array().unwrap();
+    assert_eq!(sorted(&apply_all(&a, d).unwrap()), sorted(&b));
+}
+
+/// Once the budget is spent, an ordered array with one element inserted comes out as a run
+/// of changes at every later index; the comparison says so (`exhausted`), and the shadow's
+/// noise probe learns nothing from such a comparison (else it would take `/b/*/price` for
+/// noise and hide real price differences from then on).
+#[test]
+fn a_spent_budget_is_flagged_on_the_comparison() {
+    let cmp = cmp_of(|s| s.unordered = vec!["/a".into()]);
+    let a = |ts: u32| {
+        (0..1500)
+            .map(|i| json!({"id": i, "ts": ts}))
+            .collect::<Vec<_>>()
+    };
+    let b: Vec<Value> = (0..50)
+        .map(|i| json!({"name": format!("n{i}"), "price": i}))
+        .collect();
+    let mut b2 = b.clone();
+    b2.insert(0, json!({"name": "new", "price": 99}));
+    let compare = |x: &Value, y: &Value| {
+        let h = headers(JSON);
+        let (x, y) = (x.to_string(), y.to_string());
+        cmp.compare(
+            &Response {
+                status: 200,
+                headers: &h,
+                body: x.as_bytes(),
+            },
+            &Response {
+                status: 200,
+                headers: &h,
+                body: y.as_bytes(),
+            },
+        )
+    };
+    let spent = compare(&json!({"a": a(0), "b": b}), &json!({"a": a(1), "b": b2}));
+    assert!(spent.exhausted);
+    // Within budget: one `add` for the insertion, and no flag.
+    let fine = compare(&json!({"b": b}), &json!({"b": b2}));
+    assert!(!fine.exhausted);
+    assert_eq!(
+        serde_json::to_value(&fine.diffs).unwrap(),
+        json!([{"in": "body", "op": "add", "path": "/b/0", "value": {"name": "new", "price": 99}}])
+    );
 }

@@ -139,21 +139,39 @@ fn key_of<'v>(v: &'v Value, field: &str) -> Option<Key<'v>> {
     })
 }
 
-/// The operations turning `legacy` into `new` under `rules`.
-pub(crate) fn diff(rules: &Rules, legacy: &Value, new: &Value) -> Vec<PatchOp> {
-    diff_counted(rules, legacy, new).0
+/// The work budget of a comparison of documents of `bytes` bytes together: in proportion to
+/// their size (a walk of two equal documents costs about one unit per value, a value takes
+/// several bytes), so that a small comparison, which runs on a proxy worker, stays small
+/// whatever the documents' shape; at most [`WORK_BUDGET`].
+pub(crate) fn budget_for(bytes: usize) -> usize {
+    bytes.saturating_mul(8).clamp(50_000, WORK_BUDGET)
 }
 
-/// [`diff`], and the work it spent (at most [`WORK_BUDGET`]).
-pub(crate) fn diff_counted(rules: &Rules, legacy: &Value, new: &Value) -> (Vec<PatchOp>, usize) {
+/// What [`diff`] found and spent.
+pub(crate) struct Diffed {
+    pub ops: Vec<PatchOp>,
+    /// Work spent, at most the budget (what the tests of the budget read).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub spent: usize,
+    /// The budget ran out: elements not paired by then are reported as changed, so the
+    /// operations are a correct patch but may not be the shortest one.
+    pub exhausted: bool,
+}
+
+/// The operations turning `legacy` into `new` under `rules`, spending at most `budget`.
+pub(crate) fn diff(rules: &Rules, legacy: &Value, new: &Value, budget: usize) -> Diffed {
     let mut walker = Walker {
         rules,
         path: Vec::new(),
         out: Vec::new(),
-        work: WORK_BUDGET,
+        work: budget,
     };
     walker.diff(legacy, new, 0);
-    (walker.out, WORK_BUDGET - walker.work)
+    Diffed {
+        ops: walker.out,
+        spent: budget - walker.work,
+        exhausted: walker.work == 0,
+    }
 }
 
 /// A hash of a value under which values that are equal element for element (object keys in
@@ -466,6 +484,17 @@ impl<'v> Walker<'_, 'v> {
         let (n, m) = (x.len(), y.len());
         let mut partner: Vec<Option<usize>> = vec![None; n];
         let mut taken = vec![false; m];
+        // The passes below (keys, same positions, hashes) touch every element a few times:
+        // charged up front, or arrays nested in arrays could do that work without end.
+        let passes = 3 * (n + m);
+        if self.work < passes {
+            self.work = 0;
+            return Matching {
+                partner,
+                unmatched_new: (0..m).collect(),
+            };
+        }
+        self.work -= passes;
         if let Some(field) = key {
             let mut by_key: HashMap<Key<'v>, Vec<usize>> = HashMap::new();
             for (j, v) in y.iter().enumerate().rev() {
@@ -492,15 +521,10 @@ impl<'v> Walker<'_, 'v> {
                 taken[i] = true;
             }
         }
-        // Equal elements, found by hash in one pass whatever the order. Hashing is charged to
-        // the budget too (an element each), or arrays nested in arrays could hash without end.
+        // Equal elements, found by hash in one pass whatever the order.
         let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
         for j in (0..m).rev() {
-            if self.work == 0 {
-                break;
-            }
             if !taken[j] && keyless(&y[j]) {
-                self.work -= 1;
                 by_hash.entry(value_hash(&y[j])).or_default().push(j);
             }
         }
@@ -512,7 +536,6 @@ impl<'v> Walker<'_, 'v> {
                 if self.work == 0 {
                     break;
                 }
-                self.work -= 1;
                 let Some(candidates) = by_hash.get_mut(&value_hash(&x[i])) else {
                     continue;
                 };

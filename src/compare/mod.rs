@@ -268,10 +268,17 @@ impl Comparator {
             diffs.push(d);
         }
         head::headers(&self.headers, legacy.headers, new.headers, &mut diffs);
+        let mut exhausted = false;
         if !self.rules.ignored(&[]) {
-            body::compare(self, legacy, new, &mut diffs);
+            exhausted = body::compare(self, legacy, new, &mut diffs);
         }
-        Comparison { diffs }
+        Comparison { diffs, exhausted }
+    }
+
+    /// Whether a body with these headers is compressed (any `Content-Encoding` line naming a
+    /// coding other than `identity`): what [`Comparator::compare`] decodes first.
+    pub fn is_encoded(headers: &http::HeaderMap) -> bool {
+        !body::codings(headers).is_empty()
     }
 
     /// Whether a concrete body path (RFC 6901 pointer) is ignored by this route's rules: it,
@@ -285,9 +292,14 @@ impl Comparator {
 }
 
 /// The outcome of comparing two responses: empty when they match.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
     pub diffs: Vec<Difference>,
+    /// The JSON walk ran out of its work budget: `diffs` is a correct patch but may be longer
+    /// than the shortest one (elements reported as changed that a longer search would have
+    /// paired). Not to be learned from as noise.
+    #[serde(skip)]
+    pub exhausted: bool,
 }
 
 impl Comparison {

@@ -622,7 +622,10 @@ impl Shadower {
                 .build_record(route, head, &body, legacy, new, diffs, noisy_diffs)
                 .await
             else {
-                return Outcome::Aborted;
+                // Only a panic gets here (logged where it happened); the comparison itself is
+                // done and counted, so its outcome stays `compared`.
+                tracing::error!(route = %route.name, "a divergence record could not be built");
+                return Outcome::Compared;
             };
             // Paths only: values are body data, and bodies never go to logs.
             info!(
@@ -827,6 +830,12 @@ impl Shadower {
         else {
             return;
         };
+        // Out of budget, an insertion can come out as a run of changes at every later index:
+        // learning those paths would hide real differences there from then on.
+        if noise.exhausted {
+            debug!(route = %route.name, "noise probe ran out of comparison budget; nothing learned");
+            return;
+        }
         let paths: Vec<String> = noise.body_paths().map(compare::generalize).collect();
         if !paths.is_empty() {
             debug!(route = %route.name, paths = ?paths, "learned noisy fields");

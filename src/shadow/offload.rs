@@ -79,9 +79,9 @@ impl Pool {
 /// Whether comparing these bodies belongs on the pool: large, or compressed (its decoded
 /// size is known only once decoded, up to the comparator's cap).
 pub fn worth_offloading(legacy: (&HeaderMap, usize), new: (&HeaderMap, usize)) -> bool {
+    // The same reading of Content-Encoding (every line, every coding) as the decoding's.
     let encoded = |h: &HeaderMap| {
-        h.get(http::header::CONTENT_ENCODING)
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        h.contains_key(http::header::CONTENT_ENCODING) && crate::compare::Comparator::is_encoded(h)
     };
     legacy.1 + new.1 > INLINE_BYTES || encoded(legacy.0) || encoded(new.0)
 }
@@ -126,5 +126,16 @@ mod tests {
             (&plain, INLINE_BYTES / 2 + 1)
         ));
         assert!(worth_offloading((&plain, 10), (&gzip, 10)));
+        // Two lines, as decoding reads them: identity, then gzip, is a gzip body.
+        let mut two = HeaderMap::new();
+        two.append(http::header::CONTENT_ENCODING, "identity".parse().unwrap());
+        two.append(http::header::CONTENT_ENCODING, "gzip".parse().unwrap());
+        assert!(worth_offloading((&two, 10), (&plain, 10)));
+        let mut listed = HeaderMap::new();
+        listed.insert(
+            http::header::CONTENT_ENCODING,
+            "identity, br".parse().unwrap(),
+        );
+        assert!(worth_offloading((&plain, 10), (&listed, 10)));
     }
 }
