@@ -23,7 +23,9 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 /// Bodies of at most this many bytes together are compared inline: about a quarter of a
-/// millisecond of CPU at the diff benchmark's rate, less than handing them over is worth.
+/// millisecond of CPU for ordinary documents at the diff benchmark's rate, and the work budget,
+/// in proportion to the bodies' size (`compare::json::budget_for`), bounds any shape of
+/// document to about a millisecond. Handing that over would cost more than it saves.
 pub const INLINE_BYTES: usize = 16 << 10;
 
 type Job = Box<dyn FnOnce() + Send>;
