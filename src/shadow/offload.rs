@@ -45,6 +45,7 @@ impl Pool {
             std::thread::Builder::new()
                 .name("ficus-compare".into())
                 .spawn(move || {
+                    lower_priority();
                     loop {
                         // The lock is held only to take the next job, not to run it.
                         let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
@@ -78,6 +79,22 @@ impl Pool {
     }
 }
 
+/// How much less CPU priority comparison threads take than the rest of ficus (nice steps).
+pub const NICE: i32 = 10;
+
+/// Lowers this thread's CPU priority by [`NICE`] steps, so that on a busy machine the
+/// scheduler gives the workers that serve clients the cores first, and comparisons what is
+/// left. On Linux, `setpriority(PRIO_PROCESS, tid)` applies to that one thread. A failure
+/// (a platform or sandbox that refuses it) only costs the priority, never the comparison.
+fn lower_priority() {
+    use rustix::process::{getpriority_process, setpriority_process};
+    let tid = rustix::thread::gettid();
+    let now = getpriority_process(Some(tid)).unwrap_or(0);
+    if let Err(e) = setpriority_process(Some(tid), (now + NICE).min(19)) {
+        tracing::debug!(error = %e, "comparison thread keeps its priority");
+    }
+}
+
 /// Whether comparing these bodies belongs on the pool: large, or compressed (its decoded
 /// size is known only once decoded, up to the comparator's cap).
 pub fn worth_offloading(legacy: (&HeaderMap, usize), new: (&HeaderMap, usize)) -> bool {
@@ -105,6 +122,14 @@ mod tests {
             .unwrap();
         assert_eq!(name.as_deref(), Some("ficus-compare"));
         assert_ne!(id, caller);
+        // It runs NICE steps below the caller (at most at 19, the lowest priority).
+        let prio = |tid| rustix::process::getpriority_process(Some(tid)).unwrap();
+        let mine = prio(rustix::thread::gettid());
+        let theirs = pool
+            .run(move || prio(rustix::thread::gettid()))
+            .await
+            .unwrap();
+        assert_eq!(theirs, (mine + NICE).min(19));
         assert_eq!(pool.run(|| -> u32 { panic!("boom") }).await, None);
         // The one thread is still there.
         assert_eq!(pool.run(|| 7).await, Some(7));
