@@ -186,14 +186,7 @@ async fn backends(fixed: Arc<AtomicBool>) -> (Backend, Backend) {
 }
 
 async fn record(proxy: &TestProxy, id: &str) -> Value {
-    client()
-        .get(proxy.admin_url(&format!("/api/divergences/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    proxy.admin_json(&format!("/api/divergences/{id}")).await
 }
 
 /// The page's curl command, for a request full of shell syntax, run by `sh` with a `curl` that

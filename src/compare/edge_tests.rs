@@ -3,60 +3,17 @@
 //! patterns, content types, malformed and compressed bodies, nesting, the work bound.
 //! `*_as_chosen` tests pin a behaviour the contract leaves open (see each comment).
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::prop_tests::apply_all;
+use super::prop_tests::{apply_all, sorted};
+use super::tests::{JSON, compare_bodies as bodies, compare_full as full, headers};
 use super::*;
-
-fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    for (name, value) in pairs {
-        h.append(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    h
-}
-
-const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
 
 fn cmp_of(f: impl FnOnce(&mut CompareSpec)) -> Comparator {
     let mut s = CompareSpec::default();
     f(&mut s);
     s.compile().unwrap()
-}
-
-fn full(
-    cmp: &Comparator,
-    (sa, ha, ba): (u16, &HeaderMap, &[u8]),
-    (sb, hb, bb): (u16, &HeaderMap, &[u8]),
-) -> Vec<Value> {
-    let c = cmp.compare(
-        &Response {
-            status: sa,
-            headers: ha,
-            body: ba,
-        },
-        &Response {
-            status: sb,
-            headers: hb,
-            body: bb,
-        },
-    );
-    match serde_json::to_value(&c).unwrap() {
-        Value::Object(mut o) => match o.remove("diffs") {
-            Some(Value::Array(d)) => d,
-            _ => unreachable!(),
-        },
-        _ => unreachable!(),
-    }
-}
-
-fn bodies(cmp: &Comparator, h: &[(&str, &str)], a: &[u8], b: &[u8]) -> Vec<Value> {
-    let h = headers(h);
-    full(cmp, (200, &h, a), (200, &h, b))
 }
 
 fn jdiff(cmp: &Comparator, a: &Value, b: &Value) -> Vec<Value> {
@@ -68,6 +25,20 @@ fn jdiff(cmp: &Comparator, a: &Value, b: &Value) -> Vec<Value> {
     )
 }
 
+/// The whole comparison of two JSON documents sent as `application/json` with status 200.
+fn compare_json(cmp: &Comparator, a: &Value, b: &Value) -> Comparison {
+    fn response<'a>(headers: &'a HeaderMap, body: &'a str) -> Response<'a> {
+        Response {
+            status: 200,
+            headers,
+            body: body.as_bytes(),
+        }
+    }
+    let h = headers(JSON);
+    let (a, b) = (a.to_string(), b.to_string());
+    cmp.compare(&response(&h, &a), &response(&h, &b))
+}
+
 /// The diff of `a` against `b` must be a patch from `a` to `b`.
 #[track_caller]
 fn assert_patch(cmp: &Comparator, a: Value, b: Value) {
@@ -75,18 +46,6 @@ fn assert_patch(cmp: &Comparator, a: Value, b: Value) {
     let patched = apply_all(&a, &d).unwrap_or_else(|e| panic!("{e}: {a} -> {b}: {d:?}"));
     assert_eq!(patched, b, "{a} -> {b}: {d:?}");
     assert_eq!(d.is_empty(), a == b, "{a} -> {b}: {d:?}");
-}
-
-fn sorted(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(m.iter().map(|(k, x)| (k.clone(), sorted(x))).collect()),
-        Value::Array(a) => {
-            let mut items: Vec<Value> = a.iter().map(sorted).collect();
-            items.sort_by_cached_key(Value::to_string);
-            Value::Array(items)
-        }
-        other => other.clone(),
-    }
 }
 
 #[track_caller]
@@ -803,18 +762,7 @@ fn small_documents_get_a_budget_in_proportion_to_their_size() {
     assert_eq!(budget, bytes * 8);
     assert_eq!(json::budget_for(1), 50_000);
     assert_eq!(json::budget_for(100 << 20), json::WORK_BUDGET);
-    let c = cmp.compare(
-        &Response {
-            status: 200,
-            headers: &headers(JSON),
-            body: a.to_string().as_bytes(),
-        },
-        &Response {
-            status: 200,
-            headers: &headers(JSON),
-            body: b.to_string().as_bytes(),
-        },
-    );
+    let c = compare_json(&cmp, &a, &b);
     assert!(c.exhausted, "the search stopped at the small budget");
     let d = serde_json::to_value(&c.diffs).unwrap();
     let d = d.as_array().unwrap();
@@ -838,26 +786,14 @@ fn a_spent_budget_is_flagged_on_the_comparison() {
         .collect();
     let mut b2 = b.clone();
     b2.insert(0, json!({"name": "new", "price": 99}));
-    let compare = |x: &Value, y: &Value| {
-        let h = headers(JSON);
-        let (x, y) = (x.to_string(), y.to_string());
-        cmp.compare(
-            &Response {
-                status: 200,
-                headers: &h,
-                body: x.as_bytes(),
-            },
-            &Response {
-                status: 200,
-                headers: &h,
-                body: y.as_bytes(),
-            },
-        )
-    };
-    let spent = compare(&json!({"a": a(0), "b": b}), &json!({"a": a(1), "b": b2}));
+    let spent = compare_json(
+        &cmp,
+        &json!({"a": a(0), "b": b}),
+        &json!({"a": a(1), "b": b2}),
+    );
     assert!(spent.exhausted);
     // Within budget: one `add` for the insertion, and no flag.
-    let fine = compare(&json!({"b": b}), &json!({"b": b2}));
+    let fine = compare_json(&cmp, &json!({"b": b}), &json!({"b": b2}));
     assert!(!fine.exhausted);
     assert_eq!(
         serde_json::to_value(&fine.diffs).unwrap(),

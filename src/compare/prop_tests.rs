@@ -305,7 +305,7 @@ fn mask(cmp: &Comparator, v: &Value, path: &str) -> Value {
 }
 
 /// `v` with every array sorted (by its elements' text), so multisets compare equal.
-fn sorted(v: &Value) -> Value {
+pub(super) fn sorted(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(m.iter().map(|(k, x)| (k.clone(), sorted(x))).collect()),
         Value::Array(a) => {

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::*;
 
-fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+pub(super) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (name, value) in pairs {
         h.append(
@@ -16,14 +16,14 @@ fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     h
 }
 
-const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
+pub(super) const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
 
 fn compile(spec: CompareSpec) -> Comparator {
     spec.compile().unwrap()
 }
 
 /// Compares two full responses and returns the differences as JSON values.
-fn compare_full(
+pub(super) fn compare_full(
     cmp: &Comparator,
     (status_a, headers_a, body_a): (u16, &HeaderMap, &[u8]),
     (status_b, headers_b, body_b): (u16, &HeaderMap, &[u8]),
@@ -53,7 +53,12 @@ fn compare_full(
 }
 
 /// Compares two bodies sent with the same headers and status 200.
-fn compare_bodies(cmp: &Comparator, h: &[(&str, &str)], a: &[u8], b: &[u8]) -> Vec<Value> {
+pub(super) fn compare_bodies(
+    cmp: &Comparator,
+    h: &[(&str, &str)],
+    a: &[u8],
+    b: &[u8],
+) -> Vec<Value> {
     let h = headers(h);
     compare_full(cmp, (200, &h, a), (200, &h, b))
 }

@@ -252,16 +252,21 @@ impl TestProxy {
             .unwrap()
     }
 
-    /// The admin `/api/report` now (without a token).
-    pub async fn report(&self) -> serde_json::Value {
+    /// An admin GET answered with JSON, now (without a token).
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
         client()
-            .get(self.admin_url("/api/report"))
+            .get(self.admin_url(path))
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap()
+    }
+
+    /// The admin `/api/report` now (without a token).
+    pub async fn report(&self) -> serde_json::Value {
+        self.admin_json("/api/report").await
     }
 
     /// The records in the store now, newest first.
