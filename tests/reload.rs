@@ -164,3 +164,54 @@ async fn explicit_reload_reports_errors_with_locations() {
     assert_eq!(proxy.ficus.reload().unwrap(), 1);
     assert_eq!(side_of(&proxy).await, "new");
 }
+
+/// Lays out `dir` as the kubelet does for a ConfigMap volume: the data in a timestamped
+/// directory, `..data` pointing at it, and each key a symlink through `..data`.
+#[cfg(unix)]
+fn configmap_publish(dir: &std::path::Path, version: &str, key: &str, text: &str) {
+    use std::os::unix::fs::symlink;
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join(key), text).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(format!("..{version}"), &tmp).unwrap();
+    // The atomic step: `..data` is swapped by a rename.
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let link = dir.join(key);
+    if std::fs::symlink_metadata(&link).is_err() {
+        symlink(format!("..data/{key}"), &link).unwrap();
+    }
+}
+
+/// `--rules /etc/ficus/rules/rules.toml` with the file from a ConfigMap volume: an update
+/// swaps `..data` and removes the old data directory; the `rules.toml` link itself never
+/// changes. The watcher only passes events whose path starts with the rules file's path, so
+/// the swap is never seen and the new rules never load (until someone sends SIGHUP).
+#[cfg(unix)]
+#[tokio::test]
+async fn single_rules_file_from_a_configmap_volume_is_reloaded() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(&rules_to("legacy"), legacy.url(), new.url(), |c| {
+        let cm = c.rules.join("configmap");
+        configmap_publish(
+            &cm,
+            "2026_01_01_00_00_00.1",
+            "rules.toml",
+            &rules_to("legacy"),
+        );
+        c.rules = cm.join("rules.toml");
+    })
+    .await;
+    assert_eq!(side_of(&proxy).await, "legacy");
+    let cm = proxy.dir.path().join("configmap");
+    configmap_publish(&cm, "2026_01_01_00_05_00.2", "rules.toml", &rules_to("new"));
+    std::fs::remove_dir_all(cm.join("..2026_01_01_00_00_00.1")).unwrap();
+    assert!(
+        wait_for_side(&proxy, "new").await,
+        "the ConfigMap update was not picked up (reloads: {} ok, {} failed)",
+        proxy.ficus.reload_stats().succeeded.load(Ordering::Relaxed),
+        proxy.ficus.reload_stats().failed.load(Ordering::Relaxed),
+    );
+}

@@ -81,8 +81,11 @@ impl Index {
     /// The rank of the best route matching `req`, if any.
     pub(crate) fn best(&self, routes: &[Route], req: &RequestHead<'_>) -> Option<usize> {
         let mut best = u32::MAX;
-        let rest = req.path.strip_prefix('/').unwrap_or(req.path);
-        self.walk(0, Some(rest), routes, req, &mut best);
+        match req.path.strip_prefix('/') {
+            Some(rest) => self.walk(0, Some(rest), routes, req, &mut best),
+            // `*` (OPTIONS) or an empty path: only routes that match any path take it.
+            None => consider(&self.nodes[0].rest, routes, req, &mut best),
+        }
         (best != u32::MAX).then_some(best as usize)
     }
 

@@ -290,3 +290,43 @@ proptest! {
         }
     }
 }
+
+/// The proxy matches the canonical form of the request path (`path::normalize`), so a rule
+/// written in another spelling of the same path — lower-case hex, as many clients send it, or
+/// an escaped unreserved character — must either match that canonical form or be rejected
+/// with a located error. Today it is accepted and silently never matches: the traffic it was
+/// meant to move stays on legacy.
+#[test]
+fn rule_paths_in_a_non_canonical_spelling_match_or_are_rejected() {
+    for (rule, request) in [
+        (r#"path = "/api/caf%c3%a9""#, "/api/caf%c3%a9"),
+        (r#"path_prefix = "/api/caf%c3%a9/""#, "/api/caf%c3%a9/menu"),
+        (r#"path = "/%7Euser/{id}""#, "/%7Euser/1"),
+    ] {
+        let text = format!("[[route]]\nname = \"r\"\nauthority = \"new\"\n[route.match]\n{rule}\n");
+        match rules::load_sources(vec![("r.toml".into(), text)], &|_| None) {
+            Err(errors) => {
+                let first = errors[0].to_string();
+                assert!(first.starts_with("r.toml:5:"), "{rule}: {first}");
+            }
+            Ok(loaded) => {
+                let canonical = path::normalize(request).unwrap();
+                assert_eq!(
+                    route_for(&loaded.rules, "GET", &canonical, &[]),
+                    "r",
+                    "{rule} accepted, but `{request}` (canonical `{canonical}`) does not match it"
+                );
+            }
+        }
+    }
+}
+
+/// `OPTIONS *` has no path: `path::normalize` promises it "matches no path rule but the
+/// default route's". A template `/{page}` must not take it.
+#[test]
+fn asterisk_form_requests_match_no_path_rule() {
+    let r = rules(
+        "[[route]]\nname = \"pages\"\nauthority = \"new\"\n[route.match]\npath = \"/{page}\"\n",
+    );
+    assert_eq!(route_for(&r, "OPTIONS", "*", &[]), "default");
+}

@@ -96,6 +96,7 @@ impl PathPattern {
                 segs.push(Seg::Lit((*part).into()));
             }
         }
+        check_canonical(source, "path", false)?;
         Ok(Self {
             source: source.into(),
             segs,
@@ -112,6 +113,7 @@ impl PathPattern {
                 "use `path = \"/a/{id}/**\"` to combine templates with a prefix".into(),
             ));
         }
+        check_canonical(source, "path_prefix", true)?;
         let mut segs: Vec<Seg> = segments(source).map(|s| Seg::Lit(s.into())).collect();
         // `segments` always yields at least one item: the partial last segment.
         if let Some(Seg::Lit(last)) = segs.pop() {
@@ -126,6 +128,10 @@ impl PathPattern {
 
     /// Whether `path` matches. Used by `rules explain` and as the reference for the route index.
     pub fn matches(&self, path: &str) -> bool {
+        // `*` (OPTIONS) and an empty path are not paths: only "any path" takes them.
+        if !path.starts_with('/') {
+            return self.segs.is_empty() && self.open;
+        }
         let mut parts = segments(path);
         for seg in &self.segs {
             match parts.next() {
@@ -182,6 +188,53 @@ fn check_common(source: &str, key: &str) -> Result<(), (String, String)> {
         ));
     }
     Ok(())
+}
+
+/// Requests are matched in their canonical form (`route::path::normalize`), so a pattern
+/// in another spelling of a path could never match: reject it, naming the canonical form.
+/// A prefix is a string prefix, so it is checked as the start of a longer path, and a
+/// trailing incomplete escape (`/a/%2`) is allowed.
+fn check_canonical(source: &str, key: &str, prefix: bool) -> Result<(), (String, String)> {
+    let (body, tail) = if prefix {
+        let b = source.as_bytes();
+        let n = b.len();
+        let cut = if n >= 1 && b[n - 1] == b'%' {
+            n - 1
+        } else if n >= 2 && b[n - 2] == b'%' && b[n - 1].is_ascii_hexdigit() {
+            n - 2
+        } else {
+            n
+        };
+        (&source[..cut], &source[cut..])
+    } else {
+        (source, "")
+    };
+    let probe = if prefix {
+        format!("{body}x")
+    } else {
+        body.to_string()
+    };
+    match crate::route::path::normalize(&probe) {
+        Ok(std::borrow::Cow::Borrowed(_)) => Ok(()),
+        Ok(std::borrow::Cow::Owned(canonical)) => {
+            let canonical = if prefix {
+                format!(
+                    "{}{tail}",
+                    canonical.strip_suffix('x').unwrap_or(&canonical)
+                )
+            } else {
+                canonical
+            };
+            Err((
+                format!("`{key}` `{source}` is not in canonical form, so no request can match it"),
+                format!("requests are matched in canonical form; write `{key} = \"{canonical}\"`"),
+            ))
+        }
+        Err(e) => Err((
+            format!("`{key}` `{source}` can never match: {e}"),
+            "ficus refuses such request paths with 400 bad_path".into(),
+        )),
+    }
 }
 
 fn is_identifier(name: &str) -> bool {

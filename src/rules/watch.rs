@@ -36,13 +36,19 @@ pub fn spawn(
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let (tx, mut rx) = mpsc::channel::<PathBuf>(64);
     let watched = path.clone();
+    // A single rules file may be a symlink whose target changes without the link changing
+    // (a Kubernetes ConfigMap swaps `..data` next to it): any change in its directory counts.
+    let file_dir = (!path.is_dir())
+        .then(|| path.parent().map(Path::to_path_buf))
+        .flatten();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if matches!(event.kind, EventKind::Access(_)) {
             return;
         }
         for p in event.paths {
-            if p.starts_with(&watched) {
+            if p.starts_with(&watched) || file_dir.as_deref().is_some_and(|d| p.parent() == Some(d))
+            {
                 // A full channel already holds a pending reload: dropping is fine.
                 let _ = tx.try_send(p);
             }
