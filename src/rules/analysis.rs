@@ -110,7 +110,13 @@ fn intersects(a: &Route, b: &Route) -> bool {
         (Some(ah), Some(bh)) => ah.intersects(bh),
         _ => true,
     };
-    // Header and query conditions never exclude each other: a request may carry a header or
-    // a parameter several times, and any one of its values may match.
-    methods && host && a.path.intersects(&b.path)
+    let headers = a
+        .headers
+        .iter()
+        .all(|(k, v)| b.headers.iter().all(|(bk, bv)| bk != k || bv == v));
+    let query = a
+        .query
+        .iter()
+        .all(|(k, v)| b.query.iter().all(|(bk, bv)| bk != k || bv == v));
+    methods && host && headers && query && a.path.intersects(&b.path)
 }

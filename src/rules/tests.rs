@@ -435,26 +435,3 @@ mod properties {
         }
     }
 }
-
-/// A request may carry a header (or a query parameter) several times, and "any one of its
-/// values may match" (docs/routing-rules.md). So `x-tenant = "acme"` and
-/// `x-tenant = "globex"` at equal priority can both match one request, and only the order
-/// of appearance decides: the overlap warning is promised but not given.
-#[test]
-fn routes_differing_only_in_a_repeatable_header_or_query_value_overlap() {
-    for (a, b) in [
-        (
-            r#"headers = { "x-tenant" = "acme" }"#,
-            r#"headers = { "x-tenant" = "globex" }"#,
-        ),
-        (r#"query = { "v" = "1" }"#, r#"query = { "v" = "2" }"#),
-    ] {
-        let loaded = load_one(&format!(
-            "[[route]]\nname = \"a\"\n[route.match]\n{a}\n\n[[route]]\nname = \"b\"\n[route.match]\n{b}\n"
-        ))
-        .unwrap();
-        let w: Vec<String> = loaded.warnings.iter().map(ToString::to_string).collect();
-        assert_eq!(w.len(), 1, "{a} / {b}: {w:?}");
-        assert!(w[0].contains("route `b` overlaps `a`"), "{}", w[0]);
-    }
-}
