@@ -145,6 +145,10 @@ fn render(diags: &[Diagnostic]) -> String {
 pub struct ReloadStats {
     pub succeeded: AtomicU64,
     pub failed: AtomicU64,
+    /// Held from reading the rules to installing them: the watch, SIGHUP and the admin API
+    /// may reload at once, and a slow load of older files must not install after a quicker
+    /// load of newer ones.
+    serial: std::sync::Mutex<()>,
 }
 
 /// A running ficus: proxy and admin listeners, rules watch.
@@ -412,6 +416,10 @@ fn reload(
     path: &std::path::Path,
     stats: &ReloadStats,
 ) -> Result<usize, Vec<Diagnostic>> {
+    let _serial = stats
+        .serial
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     match rules::load(path) {
         Ok(loaded) => {
             for w in &loaded.warnings {

@@ -42,14 +42,22 @@ pub fn spawn(
         .then(|| path.parent().map(Path::to_path_buf))
         .flatten();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
+        let event = match event {
+            Ok(event) => event,
+            // An inotify watch limit or queue overflow: say so, as changes may go unseen.
+            Err(e) => {
+                warn!(error = %e, "watching the rules failed; changes may be missed");
+                return;
+            }
+        };
         if matches!(event.kind, EventKind::Access(_)) {
             return;
         }
         for p in event.paths {
             if p.starts_with(&watched) || file_dir.as_deref().is_some_and(|d| p.parent() == Some(d))
             {
-                // A full channel already holds a pending reload: dropping is fine.
+                // A full channel already holds a pending reload: dropping is fine, as
+                // nothing but the reload itself depends on which paths changed.
                 let _ = tx.try_send(p);
             }
         }
@@ -70,17 +78,19 @@ pub fn spawn(
         while let Some(first) = rx.recv().await {
             debug!(path = %first.display(), "rules changed");
             let deadline = tokio::time::Instant::now() + MAX_DELAY;
-            let mut recreated = first == path;
             loop {
                 let settle = tokio::time::Instant::now() + SETTLE;
                 match tokio::time::timeout_at(settle.min(deadline), rx.recv()).await {
-                    Ok(Some(p)) => recreated |= p == path,
+                    Ok(Some(_)) => {}
                     Ok(None) => return,
                     Err(_) => break,
                 }
             }
-            // A directory deleted and created again needs a new recursive watch.
-            if recreated && path.is_dir() {
+            // A directory deleted and created again, or a subdirectory that is a symlink
+            // swapped to a new target, needs a new recursive watch. Renewing it on every
+            // change costs a walk of the rules directory, and does not depend on seeing the
+            // one event that told of the swap (a full channel drops events).
+            if path.is_dir() {
                 let mut w = rewatcher.lock().unwrap_or_else(PoisonError::into_inner);
                 if let Err(e) = w.watch(&path, RecursiveMode::Recursive) {
                     warn!(error = %e, "cannot watch the rules directory again");
