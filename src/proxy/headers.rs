@@ -192,6 +192,26 @@ fn parse_traceparent(value: &[u8]) -> Option<TraceId> {
     Some(TraceId(id))
 }
 
+/// Joins the `Cookie` fields an HTTP/2 client may send one per cookie into the single field
+/// HTTP/1.1 allows (RFC 9113 8.2.3: "; " between them, before an HTTP/1.1 hop).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Joined valid values with "; " between them are a valid value.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// `X-Forwarded-For/-Proto/-Host`. Values sent by a peer outside `--trusted-proxies` are
 /// replaced, so nothing client-supplied reaches upstreams; a trusted proxy's are extended.
 pub fn set_forwarded(

@@ -364,6 +364,9 @@ pub(crate) fn upstream_request<B>(
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
     headers::strip_hop_by_hop(h, upgrade);
+    if client_version == Version::HTTP_2 {
+        headers::join_cookies(h);
+    }
     headers::set_forwarded(h, conn.peer.ip(), conn.tls, host.as_ref(), conn.trusted);
     headers::append_via(h, client_version);
     headers::child_traceparent(h);
@@ -395,6 +398,10 @@ where
     }
     let upgrade = headers::is_upgrade_request(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // An upgraded connection outlives the HTTP connection: it keeps its connection slot.
+    let slot = req
+        .extensions_mut()
+        .remove::<crate::server::ConnectionSlot>();
     let req = upstream_request(req, upstream, conn, upgrade)?;
     // The timeout runs from the last request byte sent: a long upload is not cut short, and
     // an upstream that stops reading the body still times out.
@@ -424,6 +431,7 @@ where
     if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
+            let _slot = slot;
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
                     let mut client = TokioIo::new(client);

@@ -4,7 +4,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -13,9 +15,9 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -201,20 +203,22 @@ pub async fn serve(
         let proxy = proxy.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let slot = ConnectionSlot(Arc::new(permit));
+        let head_timeout = limits.header_read_timeout;
         match tls.clone() {
             None => {
                 tokio::spawn(async move {
-                    serve_connection(stream, conn, proxy, builder, watcher).await;
-                    drop(permit);
+                    let stream = FirstBytesDeadline::new(stream, head_timeout);
+                    serve_connection(stream, conn, proxy, builder, watcher, slot).await;
                 });
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
-                    let _permit = permit;
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(stream)) => {
-                            serve_connection(stream, conn, proxy, builder, watcher).await;
+                            let stream = FirstBytesDeadline::new(stream, head_timeout);
+                            serve_connection(stream, conn, proxy, builder, watcher, slot).await;
                         }
                         Ok(Err(e)) => debug!(error = %e, %peer, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -244,16 +248,117 @@ async fn serve_connection<S>(
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: hyper_util::server::graceful::Watcher,
+    slot: ConnectionSlot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
+        // The request carries the connection's slot, so that a protocol switch can keep it
+        // for as long as the tunnel lives.
+        req.extensions_mut().insert(slot.clone());
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, conn).await) }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     if let Err(e) = watcher.watch(connection.into_owned()).await {
         debug!(error = %e, peer = %conn.peer, "connection closed with error");
+    }
+}
+
+/// A client connection's place under `--max-connections`. The connection task holds it, and
+/// so does an upgraded (tunnelled) connection, which outlives the HTTP connection it came from.
+#[derive(Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// The HTTP/2 connection preface; hyper-util's auto builder reads up to this many bytes to
+/// choose the protocol.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Fails reads with `TimedOut` when the client has not sent enough to choose the protocol
+/// within the header read timeout. hyper's `header_read_timeout` only runs once the HTTP/1
+/// connection exists; before that, while hyper-util reads the first bytes to tell HTTP/1 from
+/// HTTP/2, nothing bounds the wait, and a client that sends nothing would hold its
+/// connection (and its `--max-connections` permit) forever. The deadline is disarmed as soon
+/// as the bytes read leave the HTTP/2 preface (HTTP/1: hyper's own timeout takes over) or
+/// complete it (HTTP/2).
+struct FirstBytesDeadline<S> {
+    inner: S,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    seen: usize,
+}
+
+impl<S> FirstBytesDeadline<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        Self {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            seen: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstBytesDeadline<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let Some(deadline) = this.deadline.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                let n = new.len().min(H2_PREFACE.len() - this.seen);
+                let still_preface = H2_PREFACE[this.seen..this.seen + n] == new[..n];
+                this.seen += n;
+                if new.is_empty() || !still_preface || this.seen == H2_PREFACE.len() {
+                    this.deadline = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request head within the header read timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstBytesDeadline<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
