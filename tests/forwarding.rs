@@ -469,3 +469,37 @@ async fn upstream_reset_gives_502_upstream_reset() {
     let body = error_json(resp).await;
     assert_eq!(body["error"], "upstream_reset", "{body}");
 }
+
+/// RFC 9113 8.2.3: an HTTP/2 client may split `Cookie` into one field per cookie; they MUST be
+/// joined with "; " before the request goes to an HTTP/1.1 connection. RFC 6265 5.4 allows
+/// one `Cookie` line only, and many HTTP/1.1 stacks read only the first one (or join them with
+/// ","), so the upstream loses the session cookie.
+#[tokio::test]
+async fn split_http2_cookies_reach_the_http1_upstream_as_one_header() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    let resp = h2
+        .get(proxy.url("/account"))
+        .header("cookie", "session=abc")
+        .header("cookie", "theme=dark")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let seen = legacy.last();
+    assert_eq!(seen.version, http::Version::HTTP_11);
+    let cookies: Vec<&str> = seen
+        .headers
+        .get_all("cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(cookies, ["session=abc; theme=dark"]);
+}

@@ -8,6 +8,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use support::{Backend, TestProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -204,6 +205,19 @@ async fn smuggling_attempts_are_refused_before_any_upstream() {
         "the admin request was never made"
     );
     assert_eq!(legacy.last().uri.path(), "/public/x");
+
+    // The same length twice is one length (RFC 9112 6.3), and goes out as one field (hyper
+    // writes the body's length itself): many upstreams refuse two `Content-Length` lines.
+    let (status, text) = exchange(
+        addr,
+        b"POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\
+          Connection: close\r\n\r\nabcde",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let seen = legacy.last();
+    let lengths: Vec<_> = seen.headers.get_all("content-length").iter().collect();
+    assert_eq!(lengths, ["5"]);
 }
 
 #[tokio::test]
@@ -525,4 +539,138 @@ async fn an_h2_client_past_the_stream_limit_is_refused_and_the_rest_is_served() 
         2,
         "the refused stream never reached the upstream"
     );
+}
+
+const ALL_TO_LEGACY: &str = "[[route]]\nname = \"all\"\n";
+
+const GET_CLOSE: &[u8] = b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n";
+
+/// Writes `raw`, then reads until the proxy closes the connection (at most 10 s). `None`: the
+/// connection was still open after 10 s.
+async fn send_and_read_to_end(addr: SocketAddr, raw: &[u8]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(raw).await;
+    let mut buf = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await {
+        Ok(_) => Some(buf),
+        Err(_) => None,
+    }
+}
+
+/// Slow-loris at its simplest: connect and send nothing (or one byte of the HTTP/2 preface).
+/// `--header-read-timeout` promises that a client that does not send a request head in time
+/// is cut off; otherwise such sockets hold a `--max-connections` permit and a descriptor
+/// forever, and a few thousand of them lock every client out.
+#[tokio::test]
+async fn a_connection_that_sends_no_request_head_is_cut_off_by_the_header_read_timeout() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(ALL_TO_LEGACY, legacy.url(), new.url(), |c| {
+        c.limits.max_connections = 2;
+        c.limits.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let addr = proxy.ficus.proxy_addr();
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial.write_all(b"P").await.unwrap();
+    for (what, s) in [("nothing", &mut silent), ("one byte", &mut partial)] {
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        assert!(
+            closed.is_ok(),
+            "a client that sent {what} was still connected 10 s later (header read timeout 300 ms)"
+        );
+    }
+    drop((silent, partial));
+
+    // And the permits they held are free again.
+    let mut served = false;
+    for _ in 0..100 {
+        if let Some(buf) = send_and_read_to_end(addr, GET_CLOSE).await
+            && buf.starts_with(b"HTTP/1.1 200")
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        served,
+        "the proxy serves again once the silent clients are cut off"
+    );
+}
+
+/// An echo WebSocket server on loopback.
+async fn ws_echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `--max-connections` bounds the open client connections. A WebSocket (or any upgraded)
+/// connection stays open for hours and holds two descriptors, so it must count; otherwise a
+/// flood of upgrades walks straight past the limit.
+#[tokio::test]
+async fn an_upgraded_connection_counts_against_max_connections() {
+    let ws_addr = ws_echo().await;
+    let legacy = Backend::start("legacy").await;
+    let rules = "[[route]]\nname = \"ws\"\nauthority = \"new\"\n[route.match]\npath = \"/ws\"\n\n\
+                 [[route]]\nname = \"rest\"\n";
+    let proxy = TestProxy::start_with(
+        rules,
+        legacy.url(),
+        format!("http://{ws_addr}").parse().unwrap(),
+        |c| c.limits.max_connections = 1,
+    )
+    .await;
+    let addr = proxy.ficus.proxy_addr();
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+
+    // The one connection allowed is the WebSocket: another one is closed unanswered.
+    let got = send_and_read_to_end(addr, GET_CLOSE)
+        .await
+        .expect("a connection past the limit is closed at once");
+    assert!(
+        got.is_empty(),
+        "served a second connection while a WebSocket held the only one of --max-connections 1: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(legacy.count(), 0);
+
+    // Once the WebSocket is closed, its place is free again.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let mut served = false;
+    for _ in 0..100 {
+        if let Some(buf) = send_and_read_to_end(addr, GET_CLOSE).await
+            && buf.starts_with(b"HTTP/1.1 200")
+        {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "the WebSocket's permit is released when it closes");
 }

@@ -203,7 +203,9 @@ pub async fn serve(
         let proxy = proxy.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let slot = ConnectionSlot(Arc::new(permit));
+        let slot = ConnectionSlot {
+            _permit: Arc::new(permit),
+        };
         let head_timeout = limits.header_read_timeout;
         match tls.clone() {
             None => {
@@ -254,9 +256,12 @@ async fn serve_connection<S>(
 {
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
-        // The request carries the connection's slot, so that a protocol switch can keep it
-        // for as long as the tunnel lives.
-        req.extensions_mut().insert(slot.clone());
+        // A request asking to switch protocols carries the connection's slot, so that the
+        // tunnel keeps it for as long as it lives. Others go without: extensions cost an
+        // allocation on every request.
+        if crate::proxy::headers::is_upgrade_request(&req) {
+            req.extensions_mut().insert(slot.clone());
+        }
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, conn).await) }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -268,7 +273,9 @@ async fn serve_connection<S>(
 /// A client connection's place under `--max-connections`. The connection task holds it, and
 /// so does an upgraded (tunnelled) connection, which outlives the HTTP connection it came from.
 #[derive(Clone)]
-pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub struct ConnectionSlot {
+    _permit: Arc<OwnedSemaphorePermit>,
+}
 
 /// The HTTP/2 connection preface; hyper-util's auto builder reads up to this many bytes to
 /// choose the protocol.
