@@ -645,3 +645,183 @@ async fn large_answers_are_compared_off_the_worker_and_recorded() {
     // No other test of this binary has answers this large, so the count is this test's.
     assert_eq!(offloaded(&proxy.metrics().await), Some(3));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Audit (shadowing path): defects found by the shadow/records audit.
+
+/// `x-ficus-shadow` tells the shadow side "this is a mirror, suppress side effects". A client
+/// that sends it itself must not get that marker onto the authority's (real) request: the
+/// authority would treat a real request as a mirror and skip its side effects.
+#[tokio::test]
+async fn audit_a_client_cannot_forge_the_shadow_marker_onto_the_authority_request() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(&shadow_rules("writes = true"), legacy.url(), new.url()).await;
+    let resp = client()
+        .post(proxy.url("/api/orders"))
+        .header("x-ficus-shadow", "1")
+        .body(r#"{"sku":"A-1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(backend_of(&resp), "legacy");
+    let real = legacy.last();
+    assert!(
+        !real.headers.contains_key("x-ficus-shadow"),
+        "the authority's real request carries a client-forged shadow marker: {:?}",
+        real.headers.get("x-ficus-shadow")
+    );
+    // The mirror still carries it (ficus's own).
+    assert!(eventually(Duration::from_secs(5), || async { new.count() == 1 }).await);
+    assert_eq!(new.last().headers["x-ficus-shadow"], "1");
+}
+
+/// The authority is down and the client gets a 502: the docs count that as `authority_error`.
+/// For a mirrored request with a body (writes = true), the authority's connection fails before
+/// the body is read, the request tee is dropped unsent, and the shadow ends `aborted` ("the
+/// client went away") instead.
+#[tokio::test]
+async fn audit_an_authority_that_is_down_counts_authority_error_for_a_request_with_a_body() {
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(
+        &shadow_rules("writes = true"),
+        format!("http://{}", dead_addr()).parse().unwrap(),
+        new.url(),
+    )
+    .await;
+    let resp = client()
+        .post(proxy.url("/api/orders"))
+        .body(r#"{"sku":"A-1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        502,
+        "the client gets the authority's failure"
+    );
+    assert!(wait_outcomes(&proxy, 1).await);
+    let stats = proxy.ficus.proxy().shadow().stats("orders");
+    assert_eq!(stats.outcomes.values().sum::<u64>(), 1, "{stats:?}");
+    assert_eq!(
+        stats.outcomes["authority_error"], 1,
+        "a 502 from a dead authority must count as authority_error: {:?}",
+        stats.outcomes
+    );
+}
+
+/// A shadow still in flight when ficus shuts down gracefully (the client's exchange is done,
+/// the shadow side answers within a second, the drain deadline is 10 s) must still end in one
+/// counted outcome, and its divergence must reach the store. Today the worker's runtime is
+/// dropped as soon as its connections are drained, which cancels the shadow task: no outcome,
+/// no record, nothing logged.
+#[tokio::test]
+async fn audit_a_shadow_in_flight_at_shutdown_still_ends_counted_and_recorded() {
+    let legacy = json_backend("legacy", json!({"total": 10})).await;
+    let new = Backend::with_handler("new", move |_req| async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        json_backend_body(json!({"total": 11}))
+    })
+    .await;
+    let proxy = TestProxy::start(&shadow_rules("timeout = \"5s\""), legacy.url(), new.url()).await;
+    let resp = client()
+        .get(proxy.url("/api/orders/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"total": 10}));
+    // The shadow is in flight: the new side has the request and is still answering.
+    assert!(eventually(Duration::from_secs(5), || async { new.count() == 1 }).await);
+    let TestProxy { ficus, dir, .. } = proxy;
+    let shadower = ficus.proxy().shadow().clone();
+    let store = ficus.store().clone();
+    ficus.shutdown().await;
+    let stats = shadower.stats("orders");
+    let records = store
+        .list(&ficus::store::Filter::default())
+        .await
+        .unwrap()
+        .items;
+    drop(dir);
+    assert_eq!(
+        stats.outcomes.values().sum::<u64>(),
+        1,
+        "the in-flight shadow ended without any outcome: {stats:?}"
+    );
+    assert_eq!(
+        records.len(),
+        1,
+        "the divergence of a shadow in flight at shutdown was lost"
+    );
+}
+
+/// A client that stops reading the authority's response (but keeps its connection open) holds
+/// its shadow's in-flight permit and memory for as long as it likes: the shadow task waits on
+/// the response tee with no deadline (`shadow.timeout`, "the whole shadow exchange", covers only
+/// the call to the shadow side). With the in-flight limit at 1 here, one such client stops all
+/// shadowing of every other client (`dropped_overload`); in production 256 of them do.
+#[tokio::test]
+async fn audit_a_client_that_stops_reading_does_not_hold_a_shadow_slot_past_the_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let big = bytes::Bytes::from(vec![b'a'; 16 << 20]);
+    let legacy = Backend::with_handler("legacy", move |req| {
+        let big = big.clone();
+        async move {
+            if req.uri().path() == "/api/big" {
+                Response::new(full(big))
+            } else {
+                Response::new(full("small"))
+            }
+        }
+    })
+    .await;
+    let new = Backend::with_handler("new", |_req| async { Response::new(full("small")) }).await;
+    let proxy = TestProxy::start_with(
+        &shadow_rules("timeout = \"300ms\""),
+        legacy.url(),
+        new.url(),
+        |c| {
+            c.shadow.max_inflight = 1;
+            c.shadow.body_limit = 32 << 20;
+            c.shadow.max_memory = 128 << 20;
+        },
+    )
+    .await;
+    // A client with a tiny receive window that reads a little of the answer and then stalls.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(proxy.ficus.proxy_addr()).await.unwrap();
+    stalled
+        .write_all(b"GET /api/big HTTP/1.1\r\nhost: ficus\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = stalled.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    assert!(eventually(Duration::from_secs(5), || async { new.count() == 1 }).await);
+    // The shadow side answered at once; the shadow timeout is 300 ms. Ten times that and more
+    // is plenty for the stalled shadow to end and give its slot back.
+    let ended = eventually(Duration::from_secs(5), || async {
+        let s = proxy.ficus.proxy().shadow().stats("orders");
+        s.outcomes.values().sum::<u64>() >= 1
+    })
+    .await;
+    let held = proxy.ficus.proxy().shadow().inflight();
+    let resp = client().get(proxy.url("/api/small")).send().await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "small");
+    let stats = proxy.ficus.proxy().shadow().stats("orders");
+    drop(stalled);
+    assert!(
+        ended && held == 0,
+        "a client that stopped reading still holds its shadow slot 5 s past a 300 ms shadow \
+         timeout (in flight: {held}); outcomes: {:?}",
+        stats.outcomes
+    );
+    assert_eq!(
+        stats.outcomes["dropped_overload"], 0,
+        "{:?}",
+        stats.outcomes
+    );
+}

@@ -439,6 +439,38 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(list(&*store, Filter::default()).await.len(), 7);
     // Counters outlive records.
     assert_eq!(store.counts("orders", 0).await.unwrap().0.comparisons, 115);
+    // A flush sent twice (its first attempt timed out on the writer's side) counts once.
+    let flush = [CountDelta {
+        route: "flushed".into(),
+        hour: store::hour_of(now),
+        counts: Counts {
+            comparisons: 7,
+            divergences: 2,
+        },
+    }];
+    store.add_counts_once("w1", 1, &flush).await.unwrap();
+    store.add_counts_once("w1", 1, &flush).await.unwrap();
+    let once = Counts {
+        comparisons: 7,
+        divergences: 2,
+    };
+    assert_eq!(store.counts("flushed", 0).await.unwrap().0, once);
+    // The writer's next flush, and another writer's first, do count.
+    store.add_counts_once("w1", 2, &flush).await.unwrap();
+    store.add_counts_once("w2", 1, &flush).await.unwrap();
+    assert_eq!(
+        store.counts("flushed", 0).await.unwrap(),
+        (
+            Counts {
+                comparisons: 21,
+                divergences: 6
+            },
+            Counts {
+                comparisons: 21,
+                divergences: 6
+            }
+        )
+    );
     store.ping().await.unwrap();
 }
 
@@ -638,4 +670,158 @@ async fn redis_cluster_store_keeps_the_contract() {
     }
     let url = format!("redis+cluster://{}", addrs.join(","));
     contract(store::open(&url, "ficus:").await.unwrap()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit (divergence-recording pipeline): defects found by the shadow/records audit.
+
+mod audit {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use ficus::record::Recorder;
+    use ficus::store::spool::Spool;
+    use ficus::store::writer::{Writer, WriterConfig};
+    use ficus::store::{self, Store};
+
+    use super::record;
+    use super::support::{RedisServer, eventually, free_port, redis_ping};
+
+    /// ficus is killed in the middle of a spool append (the spool's own doc: "a torn last
+    /// line"). The next run opens the spool and appends new records: the first of them must
+    /// not be glued onto the torn half-line and thrown away as "corrupt" at delivery.
+    #[test]
+    fn audit_a_record_spooled_after_a_crash_mid_append_is_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let before = record("orders", now, "/a");
+        {
+            let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(spool.append(std::slice::from_ref(&before)).unwrap(), 1);
+        }
+        // The crash: half a line, never completed.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("records.jsonl"))
+            .unwrap();
+        f.write_all(b"{\"id\":\"019a8f3c-half").unwrap();
+        drop(f);
+        // The next run: the store is still down, a new record is spooled.
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let after = record("orders", now, "/b");
+        assert_eq!(spool.append(std::slice::from_ref(&after)).unwrap(), 1);
+        assert_eq!(spool.pending_records(), 2);
+        let (read, offset) = spool.read_batch(10).unwrap();
+        let ids: Vec<&str> = read.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [before.id.as_str(), after.id.as_str()],
+            "the record appended after the torn line was lost"
+        );
+        spool.commit(offset).unwrap();
+        assert!(!spool.pending());
+    }
+
+    fn writer_config(dir: &std::path::Path) -> WriterConfig {
+        WriterConfig {
+            spool_dir: dir.join("spool"),
+            store_timeout: Duration::from_millis(300),
+            ..Default::default()
+        }
+    }
+
+    async fn total(store: &Arc<dyn Store>) -> Option<u64> {
+        store
+            .counts("orders", 0)
+            .await
+            .ok()
+            .map(|(t, _)| t.comparisons)
+    }
+
+    /// Redis stalls (DEBUG SLEEP) while the writer flushes its counts: the flush times out on
+    /// ficus's side, but the HINCRBYs were sent and Redis runs them when it wakes up. The
+    /// writer keeps the counts "for the next flush" and adds them again: every comparison
+    /// made before the stall is counted two or more times, inflating the readiness evidence.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn audit_counts_flushed_into_a_stalled_redis_are_counted_once() {
+        // Redis 7 refuses DEBUG unless told otherwise.
+        let redis = RedisServer::start_with(&["--enable-debug-command", "local"]).await;
+        let store = store::open(&redis.url(), "ficus:").await.unwrap();
+        store.ping().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Writer::start(store.clone(), writer_config(dir.path())).unwrap();
+        let mut sleeper = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "DEBUG", "SLEEP", "4"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{}", redis.port);
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                !redis_ping(&addr).await
+            })
+            .await,
+            "redis never stalled"
+        );
+        let route: Arc<str> = Arc::from("orders");
+        for _ in 0..10 {
+            writer.count(&route, false);
+        }
+        // Waited for off the runtime: the writer task must keep running meanwhile.
+        tokio::task::spawn_blocking(move || sleeper.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                total(&store).await.is_some_and(|n| n >= 10)
+            })
+            .await,
+            "the counts never arrived"
+        );
+        // A few more flush ticks, so that every re-added count has been written too.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        writer.close().await;
+        assert_eq!(
+            total(&store).await,
+            Some(10),
+            "10 comparisons were counted, the store holds a different number"
+        );
+    }
+
+    /// While the store is down, counts "keep accumulating in memory; a crash loses at most the
+    /// last second". A graceful shutdown (SIGTERM, a deploy) during the outage loses all of
+    /// them: close() tries one flush, fails, and the counts die with the process.
+    #[tokio::test]
+    async fn audit_counts_kept_while_the_store_is_down_survive_a_graceful_restart() {
+        let port = free_port();
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = store::open(&url, "ficus:").await.unwrap();
+            let writer = Writer::start(store, writer_config(dir.path())).unwrap();
+            let route: Arc<str> = Arc::from("orders");
+            for _ in 0..5 {
+                writer.count(&route, true);
+            }
+            // At least one flush fails while the store is down.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            writer.close().await;
+        }
+        // The store comes back; ficus starts again with the same spool directory.
+        let _redis = RedisServer::start_on(port).await;
+        let store = store::open(&url, "ficus:").await.unwrap();
+        let writer = Writer::start(store.clone(), writer_config(dir.path())).unwrap();
+        let arrived = eventually(Duration::from_secs(8), || async {
+            total(&store).await == Some(5)
+        })
+        .await;
+        writer.close().await;
+        assert!(
+            arrived,
+            "5 comparisons counted before a graceful shutdown during a store outage never reached the store (store holds {:?})",
+            total(&store).await
+        );
+    }
 }

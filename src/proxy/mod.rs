@@ -170,6 +170,9 @@ impl Proxy {
         let start = Instant::now();
         let live = self.live.load_full();
         let request_id = headers::ensure_request_id(req.headers_mut());
+        // The shadow marker is ficus's to set: a client that sends it would make the authority
+        // treat its real request as a mirror (and skip its side effects).
+        req.headers_mut().remove(&self.shadow.settings().header);
         // One path for matching and forwarding: no spelling of a path can match one route
         // and reach the upstream as a path another route owns.
         let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());

@@ -231,11 +231,20 @@ pub async fn serve(
     }
     drop(listener);
     info!(deadline = ?drain, "draining in-flight requests");
-    if tokio::time::timeout(drain, graceful.shutdown())
+    let deadline = tokio::time::Instant::now() + drain;
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
         warn!("shutdown deadline reached with requests still in flight");
+    }
+    // Shadows of finished exchanges run in tasks of this worker's runtime: let them end
+    // (compare, record) before the runtime, and they with it, is dropped.
+    if tokio::time::timeout_at(deadline, proxy.shadow().drained())
+        .await
+        .is_err()
+    {
+        warn!("shutdown deadline reached with shadows still in flight");
     }
 }
 

@@ -514,11 +514,29 @@ impl Shadower {
         request_body: oneshot::Receiver<Teed>,
         authority: oneshot::Receiver<AuthorityResult>,
     ) {
+        // A task cancelled before its end (a runtime shut down) still counts one outcome.
+        struct Unfinished<'a>(Option<&'a RouteCounters>);
+        impl Drop for Unfinished<'_> {
+            fn drop(&mut self) {
+                if let Some(counters) = self.0 {
+                    counters.count(Outcome::Aborted);
+                }
+            }
+        }
+        let mut unfinished = Unfinished(Some(&*route.counters));
         let outcome = self
             .mirror(&ticket, &route, &head, request_body, authority)
             .await;
+        unfinished.0 = None;
         route.counters.count(outcome);
         drop(ticket);
+    }
+
+    /// Resolves once no shadow is in flight (every in-flight permit is back). Shutdown waits
+    /// on it, within its deadline, so that shadows of finished exchanges end and record.
+    pub async fn drained(&self) {
+        let all = u32::try_from(self.settings.max_inflight).unwrap_or(u32::MAX);
+        let _ = self.inflight.acquire_many(all).await;
     }
 
     async fn mirror(
@@ -532,7 +550,14 @@ impl Shadower {
         let body = match request_body.await {
             Ok(Teed::Complete(body)) => body,
             Ok(teed) => return teed_outcome(&teed),
-            Err(_) => return Outcome::Aborted,
+            // The tee was dropped before the body ended: the client went away, or the
+            // authority failed before reading all of it (the client then got a 502/504).
+            Err(_) => {
+                return match authority.await {
+                    Ok(AuthorityResult::Failed) => Outcome::AuthorityError,
+                    _ => Outcome::Aborted,
+                };
+            }
         };
         // The shadow call starts now, concurrently with the authority's response.
         let shadow = self.call(
@@ -553,15 +578,18 @@ impl Shadower {
             else {
                 return Err(Outcome::AuthorityError);
             };
-            match body.await {
-                Ok(Teed::Complete(body)) => Ok(Captured {
+            // The authority's body reaches the tee only as fast as the client reads it: a
+            // client that reads slowly, or stopped, must not hold this shadow's permit and
+            // memory past the shadow timeout.
+            match tokio::time::timeout(route.timeout, body).await {
+                Ok(Ok(Teed::Complete(body))) => Ok(Captured {
                     status,
                     headers,
                     body,
                     latency: started.elapsed(),
                 }),
-                Ok(teed) => Err(teed_outcome(&teed)),
-                Err(_) => Err(Outcome::Aborted),
+                Ok(Ok(teed)) => Err(teed_outcome(&teed)),
+                Ok(Err(_)) | Err(_) => Err(Outcome::Aborted),
             }
         };
         let (shadow, authority) = tokio::join!(shadow, authority);

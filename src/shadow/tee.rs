@@ -58,6 +58,14 @@ impl Reservation {
         })
     }
 
+    /// Gives back `n` bytes this reservation holds (a tee dropping its copy).
+    fn shrink(&self, n: usize) {
+        if n > 0 {
+            self.held.fetch_sub(n, Ordering::AcqRel);
+            self.budget.release(n);
+        }
+    }
+
     pub fn try_grow(&self, n: usize) -> bool {
         let ok = self.budget.try_reserve(n);
         if ok {
@@ -130,6 +138,8 @@ impl<B: Body<Data = Bytes> + Unpin> Tee<B> {
     }
 
     fn give_up(&mut self, why: Teed) {
+        // The copy is dropped: so are the bytes it held in the budget.
+        self.reservation.shrink(self.buf.len());
         self.buf = BytesMut::new();
         if let Some(tx) = self.done.take() {
             let _ = tx.send(why);
@@ -139,6 +149,10 @@ impl<B: Body<Data = Bytes> + Unpin> Tee<B> {
     fn copy(&mut self, data: &Bytes) {
         if self.done.is_none() {
             return;
+        }
+        // Nobody waits for the copy any more (the shadow ended): stop keeping it.
+        if self.done.as_ref().is_some_and(oneshot::Sender::is_closed) {
+            return self.give_up(Teed::Failed);
         }
         if self.buf.len() + data.len() > self.limit {
             return self.give_up(Teed::OverLimit);

@@ -33,6 +33,27 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
 end
 return 0";
 
+/// One flush of a writer's counts, at most once: KEYS[1] remembers the writer's last flush,
+/// KEYS[2] is the set of routes, then a total and an hour key per delta; ARGV: seq, marker TTL,
+/// hour TTL, then comparisons, divergences and route per delta.
+const ADD_COUNTS_ONCE: &str = r"
+local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if last >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+for i = 1, (#KEYS - 2) / 2 do
+  local total, hour = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  for _, k in ipairs({total, hour}) do
+    redis.call('HINCRBY', k, 'comparisons', ARGV[3 * i + 1])
+    redis.call('HINCRBY', k, 'divergences', ARGV[3 * i + 2])
+  end
+  redis.call('EXPIRE', hour, ARGV[3])
+  redis.call('SADD', KEYS[2], ARGV[3 * i + 3])
+end
+return 1";
+
+/// How long a writer's last flush is remembered (a live writer refreshes it every flush).
+const FLUSH_MARKER_TTL_SECS: i64 = 2 * 24 * 3600;
+
 const UPDATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
@@ -487,6 +508,35 @@ impl Store for RedisStore {
                 pipe.sadd(self.key(&["routes"]), &d.route).ignore();
             }
             let () = with_conn!(self, c => pipe.query_async(&mut c).await?);
+            Ok(())
+        })
+    }
+
+    fn add_counts_once<'a>(
+        &'a self,
+        writer: &'a str,
+        seq: u64,
+        deltas: &'a [CountDelta],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if deltas.is_empty() {
+                return Ok(());
+            }
+            let mut keys = vec![self.key(&["flush", writer]), self.key(&["routes"])];
+            let mut args = vec![
+                seq.to_string(),
+                FLUSH_MARKER_TTL_SECS.to_string(),
+                HOUR_COUNTER_TTL_SECS.to_string(),
+            ];
+            for d in deltas {
+                keys.push(self.key(&["cnt", &d.route]));
+                keys.push(self.key(&["cnt", &d.route, &d.hour.to_string()]));
+                args.push(d.counts.comparisons.to_string());
+                args.push(d.counts.divergences.to_string());
+                args.push(d.route.clone());
+            }
+            let script = Script::new(ADD_COUNTS_ONCE);
+            with_conn!(self, c => Self::run_script(&mut c, &script, &keys, &args).await)?;
             Ok(())
         })
     }

@@ -33,7 +33,15 @@ impl Spool {
             .append(true)
             .read(true)
             .open(&path)?;
-        let len = file.metadata()?.len();
+        // A crash in the middle of an append leaves a torn last line. Cut it off now: new
+        // records are appended at the end of the file, and glued to it they would be read
+        // back as one corrupt line and lost.
+        let len = complete_len(&path)?;
+        if len < file.metadata()?.len() {
+            warn!("cutting off a torn last line of the spool (a crash mid-append)");
+            file.set_len(len)?;
+            file.sync_all()?;
+        }
         let offset = std::fs::read_to_string(&offset_path)
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
@@ -81,8 +89,15 @@ impl Spool {
             appended += 1;
         }
         if !buf.is_empty() {
-            self.file.write_all(&buf)?;
-            self.file.sync_data()?;
+            let written = self
+                .file
+                .write_all(&buf)
+                .and_then(|()| self.file.sync_data());
+            if let Err(e) = written {
+                // A partial write (disk full) must not stay in front of the next append.
+                let _ = self.file.set_len(self.len);
+                return Err(e);
+            }
             self.len += buf.len() as u64;
             self.records += appended as u64;
         }
@@ -141,6 +156,24 @@ impl Spool {
         reader.read_until(b'\n', &mut rest)?;
         Ok(!rest.is_empty() && rest.last() != Some(&b'\n'))
     }
+}
+
+/// The length of `path` up to and including its last newline (0 if it has none).
+fn complete_len(path: &Path) -> io::Result<u64> {
+    let mut file = File::open(path)?;
+    let mut end = file.metadata()?.len();
+    let mut chunk = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let n = usize::try_from(end - start).unwrap_or(chunk.len());
+        file.seek(SeekFrom::Start(start))?;
+        std::io::Read::read_exact(&mut file, &mut chunk[..n])?;
+        if let Some(i) = chunk[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// Complete lines from `from` to the end of the file.

@@ -8,6 +8,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{BoxFuture, CountDelta, Counts, Filter, Override, Page, Retention, Store, StoreError};
 use crate::record::{Record, State};
 
+/// How long a writer's last flush is remembered (see `Store::add_counts_once`).
+const FLUSH_MARKER_MS: u64 = 2 * 24 * 3_600_000;
+
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
@@ -34,6 +37,11 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE TABLE IF NOT EXISTS overrides (
     route TEXT PRIMARY KEY,
     json  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS count_flushes (
+    writer TEXT PRIMARY KEY,
+    seq    INTEGER NOT NULL,
+    at_ms  INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counts (
     route       TEXT NOT NULL,
@@ -94,6 +102,24 @@ fn decode(id: &str, json: &str) -> Result<Record, StoreError> {
 /// SQLite integers are signed; times and counts fit comfortably.
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn upsert_counts(tx: &rusqlite::Transaction<'_>, deltas: &[CountDelta]) -> Result<(), StoreError> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO counts (route, hour, comparisons, divergences) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (route, hour) DO UPDATE SET
+            comparisons = comparisons + excluded.comparisons,
+            divergences = divergences + excluded.divergences",
+    )?;
+    for d in deltas {
+        upsert.execute(params![
+            d.route,
+            int(d.hour),
+            int(d.counts.comparisons),
+            int(d.counts.divergences)
+        ])?;
+    }
+    Ok(())
 }
 
 fn encode(r: &Record) -> String {
@@ -236,22 +262,37 @@ impl Store for SqliteStore {
         let deltas = deltas.to_vec();
         self.with(move |conn| {
             let tx = conn.transaction()?;
-            {
-                let mut upsert = tx.prepare_cached(
-                    "INSERT INTO counts (route, hour, comparisons, divergences) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (route, hour) DO UPDATE SET
-                        comparisons = comparisons + excluded.comparisons,
-                        divergences = divergences + excluded.divergences",
-                )?;
-                for d in &deltas {
-                    upsert.execute(params![
-                        d.route,
-                        int(d.hour),
-                        int(d.counts.comparisons),
-                        int(d.counts.divergences)
-                    ])?;
-                }
+            upsert_counts(&tx, &deltas)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn add_counts_once<'a>(
+        &'a self,
+        writer: &'a str,
+        seq: u64,
+        deltas: &'a [CountDelta],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let (writer, deltas) = (writer.to_string(), deltas.to_vec());
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let applied: Option<i64> = tx
+                .query_row(
+                    "SELECT seq FROM count_flushes WHERE writer = ?1",
+                    [&writer],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if applied.is_some_and(|s| s >= int(seq)) {
+                return Ok(());
             }
+            tx.execute(
+                "INSERT INTO count_flushes (writer, seq, at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, at_ms = excluded.at_ms",
+                params![writer, int(seq), int(crate::store::writer::now_ms())],
+            )?;
+            upsert_counts(&tx, &deltas)?;
             tx.commit()?;
             Ok(())
         })
@@ -345,6 +386,11 @@ impl Store for SqliteStore {
                 )",
                 [retention.per_route_cap as i64],
             )? as u64;
+            // Flush markers of writers gone for two days (a live writer refreshes its own).
+            conn.execute(
+                "DELETE FROM count_flushes WHERE at_ms < ?1",
+                [int(now_ms.saturating_sub(FLUSH_MARKER_MS))],
+            )?;
             Ok(gone)
         })
     }

@@ -70,6 +70,43 @@ pub struct WriterStats {
 /// Per-route, per-hour comparison counts not yet flushed to the store.
 type Pending = Mutex<HashMap<(Arc<str>, u64), Counts>>;
 
+/// One flush of counts, sent (at most once, see [`Store::add_counts_once`]) until the store
+/// takes it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Flush {
+    writer: String,
+    seq: u64,
+    /// (route, hour, comparisons, divergences)
+    deltas: Vec<(String, u64, u64, u64)>,
+}
+
+impl Flush {
+    fn deltas(&self) -> Vec<CountDelta> {
+        self.deltas
+            .iter()
+            .map(|(route, hour, comparisons, divergences)| CountDelta {
+                route: route.clone(),
+                hour: *hour,
+                counts: Counts {
+                    comparisons: *comparisons,
+                    divergences: *divergences,
+                },
+            })
+            .collect()
+    }
+}
+
+/// Counts the store has not taken yet, kept next to the spool while the store is down, so
+/// that neither a restart nor a crash loses more than the last second of them.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct UnflushedCounts {
+    retry: Option<Flush>,
+    /// (route, hour, comparisons, divergences), never sent.
+    pending: Vec<(String, u64, u64, u64)>,
+}
+
+const COUNTS_FILE: &str = "counts.json";
+
 /// Hands records and counts to the writer task. Cheap to call from any task.
 pub struct Writer {
     tx: mpsc::Sender<Record>,
@@ -101,6 +138,24 @@ impl Writer {
         let (close, closed) = watch::channel(false);
         let stats = Arc::new(WriterStats::default());
         let counts: Arc<Pending> = Arc::default();
+        // Counts an earlier run could not flush: the unsent ones join this run's, the one
+        // flush that may or may not have reached the store is sent again as it was.
+        let counts_path = config.spool_dir.join(COUNTS_FILE);
+        let unflushed: Option<UnflushedCounts> = std::fs::read(&counts_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let (retry, counts_persisted) = match unflushed {
+            Some(u) => {
+                let mut pending = counts.lock().unwrap_or_else(PoisonError::into_inner);
+                for (route, hour, comparisons, divergences) in u.pending {
+                    let c = pending.entry((Arc::from(route), hour)).or_default();
+                    c.comparisons += comparisons;
+                    c.divergences += divergences;
+                }
+                (u.retry, true)
+            }
+            None => (None, false),
+        };
         let task = tokio::spawn(
             Task {
                 store: store.clone(),
@@ -109,6 +164,11 @@ impl Writer {
                 stats: stats.clone(),
                 config,
                 healthy: true,
+                writer_id: crate::record::new_id(SystemTime::now()),
+                seq: 0,
+                retry,
+                counts_path,
+                counts_persisted,
             }
             .run(rx, closed),
         );
@@ -179,6 +239,15 @@ struct Task {
     stats: Arc<WriterStats>,
     config: WriterConfig,
     healthy: bool,
+    /// This writer's name in the store's flush markers: unique per run.
+    writer_id: String,
+    /// The number of this writer's last flush.
+    seq: u64,
+    /// A flush the store has not confirmed: sent again, unchanged, before any new one.
+    retry: Option<Flush>,
+    counts_path: PathBuf,
+    /// Whether `counts_path` holds counts (to be removed once they are flushed).
+    counts_persisted: bool,
 }
 
 /// Records per store call and per spool read.
@@ -366,32 +435,72 @@ impl Task {
         }
     }
 
-    async fn flush_counts(&self) {
-        let deltas: Vec<CountDelta> = {
-            let mut pending = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-            pending
-                .drain()
-                .map(|((route, hour), counts)| CountDelta {
-                    route: route.to_string(),
-                    hour,
-                    counts,
-                })
-                .collect()
-        };
-        if deltas.is_empty() {
+    async fn flush_counts(&mut self) {
+        // A flush that failed goes again as it was (same writer, same number), so that one
+        // whose first attempt reached the store after all is not added twice; then the counts
+        // made since, as a new flush.
+        for _ in 0..2 {
+            if self.retry.is_none() {
+                let deltas: Vec<(String, u64, u64, u64)> = {
+                    let mut pending = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+                    pending
+                        .drain()
+                        .map(|((route, hour), c)| {
+                            (route.to_string(), hour, c.comparisons, c.divergences)
+                        })
+                        .collect()
+                };
+                if deltas.is_empty() {
+                    break;
+                }
+                self.seq += 1;
+                self.retry = Some(Flush {
+                    writer: self.writer_id.clone(),
+                    seq: self.seq,
+                    deltas,
+                });
+            }
+            let Some(flush) = &self.retry else { break };
+            let deltas = flush.deltas();
+            let sent = self
+                .store
+                .add_counts_once(&flush.writer, flush.seq, &deltas);
+            let result = tokio::time::timeout(self.config.store_timeout, sent).await;
+            if !matches!(result, Ok(Ok(()))) {
+                break;
+            }
+            self.retry = None;
+        }
+        self.persist_counts();
+    }
+
+    /// While a flush is unconfirmed, keeps it and the counts made since in the spool
+    /// directory (written aside, then renamed); removes the file once all is flushed.
+    fn persist_counts(&mut self) {
+        if self.retry.is_none() {
+            if self.counts_persisted && std::fs::remove_file(&self.counts_path).is_ok() {
+                self.counts_persisted = false;
+            }
             return;
         }
-        let result =
-            tokio::time::timeout(self.config.store_timeout, self.store.add_counts(&deltas)).await;
-        if !matches!(result, Ok(Ok(()))) {
-            // Keep them for the next flush: counts add up, so nothing is lost while the store
-            // is down (only a crash loses the last unflushed second).
-            let mut pending = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-            for d in deltas {
-                let c = pending.entry((Arc::from(d.route), d.hour)).or_default();
-                c.comparisons += d.counts.comparisons;
-                c.divergences += d.counts.divergences;
-            }
+        let unflushed = UnflushedCounts {
+            retry: self.retry.clone(),
+            pending: self
+                .counts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|((route, hour), c)| (route.to_string(), *hour, c.comparisons, c.divergences))
+                .collect(),
+        };
+        let tmp = self.counts_path.with_extension("tmp");
+        let written = serde_json::to_vec(&unflushed)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.counts_path));
+        match written {
+            Ok(()) => self.counts_persisted = true,
+            Err(e) => warn!(error = %e, "cannot keep unflushed counts next to the spool"),
         }
     }
 
