@@ -194,7 +194,8 @@ fn metric(text: &str, line_start: &str) -> f64 {
 #[tokio::test]
 async fn a_stalled_redis_and_a_full_spool_never_fail_a_client_and_every_drop_is_counted() {
     let _serial = SERIAL.lock().await;
-    let mut redis = RedisServer::start().await;
+    // Redis 7 refuses DEBUG (so DEBUG SLEEP stalled nothing) unless told otherwise.
+    let mut redis = RedisServer::start_with(&["--enable-debug-command", "local"]).await;
     let port = redis
         .url()
         .split(':')
@@ -219,7 +220,14 @@ async fn a_stalled_redis_and_a_full_spool_never_fail_a_client_and_every_drop_is_
     // Redis stalls for 3 s (DEBUG SLEEP blocks it): clients do not notice, records wait in
     // the spool and arrive afterwards.
     let mut sleeper = redis_cli(&port, &["DEBUG", "SLEEP", "3"]);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = format!("127.0.0.1:{port}");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !support::redis_ping(&addr).await
+        })
+        .await,
+        "Redis never stalled"
+    );
     for i in 0..30 {
         let resp = c
             .get(proxy.url(&format!("/api/orders/{i}")))
