@@ -790,6 +790,44 @@ mod audit {
         );
     }
 
+    /// Two people change the state of one record at about the same time (two replicas' admin
+    /// APIs, a bulk action and a click). Each Redis update reads the old state with a GET, then
+    /// moves the id from that state's index in a script: both read `open`, so the id ends up in
+    /// both new state indexes, and per-state counts (ZCARD, used by the report) count it twice.
+    #[tokio::test]
+    async fn audit_concurrent_state_changes_leave_a_record_in_exactly_one_state_index() {
+        use ficus::record::State;
+        use ficus::store::Filter;
+        let redis = RedisServer::start().await;
+        let store = store::open(&redis.url(), "ficus:").await.unwrap();
+        let r = record("orders", SystemTime::now(), "/a");
+        store.put(std::slice::from_ref(&r)).await.unwrap();
+        let mut acknowledged = r.clone();
+        acknowledged.state = State::Acknowledged;
+        let mut resolved = r.clone();
+        resolved.state = State::Resolved;
+        let (a, b) = tokio::join!(store.update(&acknowledged), store.update(&resolved));
+        a.unwrap();
+        b.unwrap();
+        let stored = store.get(&r.id).await.unwrap().unwrap();
+        let mut in_indexes = Vec::new();
+        for state in State::ALL {
+            let filter = Filter {
+                state: Some(state),
+                ..Default::default()
+            };
+            for _ in 0..store.count(&filter).await.unwrap() {
+                in_indexes.push(state);
+            }
+        }
+        assert_eq!(
+            in_indexes,
+            [stored.state],
+            "one record (now {:?}) is counted in these states",
+            stored.state
+        );
+    }
+
     /// While the store is down, counts "keep accumulating in memory; a crash loses at most the
     /// last second". A graceful shutdown (SIGTERM, a deploy) during the outage loses all of
     /// them: close() tries one flush, fails, and the counts die with the process.

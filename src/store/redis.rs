@@ -54,8 +54,13 @@ return 1";
 /// How long a writer's last flush is remembered (a live writer refreshes it every flush).
 const FLUSH_MARKER_TTL_SECS: i64 = 2 * 24 * 3600;
 
+/// ARGV[4] is the record as the caller read it: if it changed meanwhile (another update), the
+/// old indexes in KEYS[2] and KEYS[4] may be wrong, so nothing is done (-1) and the caller reads
+/// again.
 const UPDATE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+if current ~= ARGV[4] then return -1 end
 redis.call('SET', KEYS[1], ARGV[1])
 if KEYS[2] ~= KEYS[3] then
   redis.call('ZREM', KEYS[2], ARGV[2])
@@ -66,6 +71,9 @@ if KEYS[4] ~= KEYS[5] then
   if KEYS[5] ~= ARGV[3] then redis.call('ZADD', KEYS[5], 0, ARGV[2]) end
 end
 return 1";
+
+/// Attempts of one update against concurrent ones.
+const UPDATE_ATTEMPTS: usize = 8;
 
 const DELETE: &str = r"
 redis.call('DEL', KEYS[1])
@@ -370,23 +378,41 @@ impl Store for RedisStore {
 
     fn update<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let Some(old) = self.get(&record.id).await? else {
-                return Ok(());
-            };
-            let keys = [
-                self.rec(&record.id),
-                self.state_key(old.state),
-                self.state_key(record.state),
-                self.class_key(old.class.as_deref()),
-                self.class_key(record.class.as_deref()),
-            ];
-            let args = [
-                serde_json::to_string(record).unwrap_or_default(),
-                record.id.clone(),
-                self.no_class_key(),
-            ];
-            with_conn!(self, c => Self::run_script(&mut c, &self.update, &keys, &args).await)?;
-            Ok(())
+            // Compare and set: the indexes to leave are those of the record as stored when
+            // the script runs, so a concurrent update makes this one read again.
+            for _ in 0..UPDATE_ATTEMPTS {
+                let key = self.rec(&record.id);
+                let current: Option<String> = with_conn!(self, c => c.get(&key).await?);
+                let Some(current) = current else {
+                    return Ok(());
+                };
+                let old: Record =
+                    serde_json::from_str(&current).map_err(|source| StoreError::Corrupt {
+                        id: record.id.clone(),
+                        source,
+                    })?;
+                let keys = [
+                    key,
+                    self.state_key(old.state),
+                    self.state_key(record.state),
+                    self.class_key(old.class.as_deref()),
+                    self.class_key(record.class.as_deref()),
+                ];
+                let args = [
+                    serde_json::to_string(record).unwrap_or_default(),
+                    record.id.clone(),
+                    self.no_class_key(),
+                    current,
+                ];
+                let done = with_conn!(self, c => Self::run_script(&mut c, &self.update, &keys, &args).await)?;
+                if done >= 0 {
+                    return Ok(());
+                }
+            }
+            Err(StoreError::Task(format!(
+                "record {} kept changing during its update",
+                record.id
+            )))
         })
     }
 
