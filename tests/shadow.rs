@@ -647,13 +647,13 @@ async fn large_answers_are_compared_off_the_worker_and_recorded() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Audit (shadowing path): defects found by the shadow/records audit.
+// The shadow's edges: forged markers, a dead authority, shutdown, a client that stops reading.
 
 /// `x-ficus-shadow` tells the shadow side "this is a mirror, suppress side effects". A client
 /// that sends it itself must not get that marker onto the authority's (real) request: the
 /// authority would treat a real request as a mirror and skip its side effects.
 #[tokio::test]
-async fn audit_a_client_cannot_forge_the_shadow_marker_onto_the_authority_request() {
+async fn a_client_cannot_forge_the_shadow_marker_onto_the_authority_request() {
     let legacy = Backend::start("legacy").await;
     let new = Backend::start("new").await;
     let proxy = TestProxy::start(&shadow_rules("writes = true"), legacy.url(), new.url()).await;
@@ -682,7 +682,7 @@ async fn audit_a_client_cannot_forge_the_shadow_marker_onto_the_authority_reques
 /// the body is read, the request tee is dropped unsent, and the shadow ends `aborted` ("the
 /// client went away") instead.
 #[tokio::test]
-async fn audit_an_authority_that_is_down_counts_authority_error_for_a_request_with_a_body() {
+async fn an_authority_that_is_down_counts_authority_error_for_a_request_with_a_body() {
     let new = Backend::start("new").await;
     let proxy = TestProxy::start(
         &shadow_rules("writes = true"),
@@ -717,7 +717,7 @@ async fn audit_an_authority_that_is_down_counts_authority_error_for_a_request_wi
 /// dropped as soon as its connections are drained, which cancels the shadow task: no outcome,
 /// no record, nothing logged.
 #[tokio::test]
-async fn audit_a_shadow_in_flight_at_shutdown_still_ends_counted_and_recorded() {
+async fn a_shadow_in_flight_at_shutdown_still_ends_counted_and_recorded() {
     let legacy = json_backend("legacy", json!({"total": 10})).await;
     let new = Backend::with_handler("new", move |_req| async move {
         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -763,7 +763,7 @@ async fn audit_a_shadow_in_flight_at_shutdown_still_ends_counted_and_recorded() 
 /// the call to the shadow side). With the in-flight limit at 1 here, one such client stops all
 /// shadowing of every other client (`dropped_overload`); in production 256 of them do.
 #[tokio::test]
-async fn audit_a_client_that_stops_reading_does_not_hold_a_shadow_slot_past_the_timeout() {
+async fn a_client_that_stops_reading_does_not_hold_a_shadow_slot_past_the_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let big = bytes::Bytes::from(vec![b'a'; 16 << 20]);
     let legacy = Backend::with_handler("legacy", move |req| {

@@ -363,10 +363,13 @@ async fn contract(store: Arc<dyn Store>) {
         },
     };
     store
-        .add_counts(&[delta(hour - 30, 100, 1), delta(hour, 10, 2)])
+        .add_counts("w0", 1, &[delta(hour - 30, 100, 1), delta(hour, 10, 2)])
         .await
         .unwrap();
-    store.add_counts(&[delta(hour, 5, 0)]).await.unwrap();
+    store
+        .add_counts("w0", 2, &[delta(hour, 5, 0)])
+        .await
+        .unwrap();
     let (total, recent) = store.counts("orders", hour - 24).await.unwrap();
     assert_eq!(
         total,
@@ -448,16 +451,16 @@ async fn contract(store: Arc<dyn Store>) {
             divergences: 2,
         },
     }];
-    store.add_counts_once("w1", 1, &flush).await.unwrap();
-    store.add_counts_once("w1", 1, &flush).await.unwrap();
+    store.add_counts("w1", 1, &flush).await.unwrap();
+    store.add_counts("w1", 1, &flush).await.unwrap();
     let once = Counts {
         comparisons: 7,
         divergences: 2,
     };
     assert_eq!(store.counts("flushed", 0).await.unwrap().0, once);
     // The writer's next flush, and another writer's first, do count.
-    store.add_counts_once("w1", 2, &flush).await.unwrap();
-    store.add_counts_once("w2", 1, &flush).await.unwrap();
+    store.add_counts("w1", 2, &flush).await.unwrap();
+    store.add_counts("w2", 1, &flush).await.unwrap();
     assert_eq!(
         store.counts("flushed", 0).await.unwrap(),
         (
@@ -673,9 +676,9 @@ async fn redis_cluster_store_keeps_the_contract() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Audit (divergence-recording pipeline): defects found by the shadow/records audit.
+// The record pipeline's edges: torn spool lines, stalled stores, restarts, concurrent updates.
 
-mod audit {
+mod pipeline_edges {
     use std::io::Write;
     use std::sync::Arc;
     use std::time::{Duration, SystemTime};
@@ -692,7 +695,7 @@ mod audit {
     /// line"). The next run opens the spool and appends new records: the first of them must
     /// not be glued onto the torn half-line and thrown away as "corrupt" at delivery.
     #[test]
-    fn audit_a_record_spooled_after_a_crash_mid_append_is_delivered() {
+    fn a_record_spooled_after_a_crash_mid_append_is_delivered() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
         let before = record("orders", now, "/a");
@@ -744,7 +747,7 @@ mod audit {
     /// writer keeps the counts "for the next flush" and adds them again: every comparison
     /// made before the stall is counted two or more times, inflating the readiness evidence.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn audit_counts_flushed_into_a_stalled_redis_are_counted_once() {
+    async fn counts_flushed_into_a_stalled_redis_are_counted_once() {
         // Redis 7 refuses DEBUG unless told otherwise.
         let redis = RedisServer::start_with(&["--enable-debug-command", "local"]).await;
         let store = store::open(&redis.url(), "ficus:").await.unwrap();
@@ -795,7 +798,7 @@ mod audit {
     /// moves the id from that state's index in a script: both read `open`, so the id ends up in
     /// both new state indexes, and per-state counts (ZCARD, used by the report) count it twice.
     #[tokio::test]
-    async fn audit_concurrent_state_changes_leave_a_record_in_exactly_one_state_index() {
+    async fn concurrent_state_changes_leave_a_record_in_exactly_one_state_index() {
         use ficus::record::State;
         use ficus::store::Filter;
         let redis = RedisServer::start().await;
@@ -832,7 +835,7 @@ mod audit {
     /// last second". A graceful shutdown (SIGTERM, a deploy) during the outage loses all of
     /// them: close() tries one flush, fails, and the counts die with the process.
     #[tokio::test]
-    async fn audit_counts_kept_while_the_store_is_down_survive_a_graceful_restart() {
+    async fn counts_kept_while_the_store_is_down_survive_a_graceful_restart() {
         let port = free_port();
         let url = format!("redis://127.0.0.1:{port}/0");
         let dir = tempfile::tempdir().unwrap();

@@ -142,12 +142,10 @@ pub trait Store: Send + Sync {
     fn list<'a>(&'a self, filter: &'a Filter) -> BoxFuture<'a, Result<Page, StoreError>>;
     /// How many records pass the filter (its cursor and limit are ignored).
     fn count<'a>(&'a self, filter: &'a Filter) -> BoxFuture<'a, Result<u64, StoreError>>;
-    /// Adds per-route, per-hour counts (and to the route's totals).
-    fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>>;
-    /// [`Store::add_counts`] at most once per flush: `seq` grows with every new flush of
-    /// `writer`, and a flush sent again with the same `seq` (its first attempt timed out on
-    /// ficus's side but reached the store) adds nothing.
-    fn add_counts_once<'a>(
+    /// Adds per-route, per-hour counts (and to the route's totals), at most once per flush:
+    /// `seq` grows with every new flush of `writer`, and a flush sent again with the same `seq`
+    /// (its first attempt timed out on ficus's side but reached the store) adds nothing.
+    fn add_counts<'a>(
         &'a self,
         writer: &'a str,
         seq: u64,

@@ -518,27 +518,7 @@ impl Store for RedisStore {
         })
     }
 
-    fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let mut pipe = redis::pipe();
-            for d in deltas {
-                let total = self.key(&["cnt", &d.route]);
-                let hour = self.key(&["cnt", &d.route, &d.hour.to_string()]);
-                for key in [&total, &hour] {
-                    pipe.hincr(key, "comparisons", d.counts.comparisons)
-                        .ignore();
-                    pipe.hincr(key, "divergences", d.counts.divergences)
-                        .ignore();
-                }
-                pipe.expire(&hour, HOUR_COUNTER_TTL_SECS).ignore();
-                pipe.sadd(self.key(&["routes"]), &d.route).ignore();
-            }
-            let () = with_conn!(self, c => pipe.query_async(&mut c).await?);
-            Ok(())
-        })
-    }
-
-    fn add_counts_once<'a>(
+    fn add_counts<'a>(
         &'a self,
         writer: &'a str,
         seq: u64,

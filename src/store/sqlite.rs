@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{BoxFuture, CountDelta, Counts, Filter, Override, Page, Retention, Store, StoreError};
 use crate::record::{Record, State};
 
-/// How long a writer's last flush is remembered (see `Store::add_counts_once`).
+/// How long a writer's last flush is remembered (see `Store::add_counts`).
 const FLUSH_MARKER_MS: u64 = 2 * 24 * 3_600_000;
 
 pub struct SqliteStore {
@@ -258,17 +258,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn add_counts<'a>(&'a self, deltas: &'a [CountDelta]) -> BoxFuture<'a, Result<(), StoreError>> {
-        let deltas = deltas.to_vec();
-        self.with(move |conn| {
-            let tx = conn.transaction()?;
-            upsert_counts(&tx, &deltas)?;
-            tx.commit()?;
-            Ok(())
-        })
-    }
-
-    fn add_counts_once<'a>(
+    fn add_counts<'a>(
         &'a self,
         writer: &'a str,
         seq: u64,

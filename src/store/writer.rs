@@ -70,7 +70,7 @@ pub struct WriterStats {
 /// Per-route, per-hour comparison counts not yet flushed to the store.
 type Pending = Mutex<HashMap<(Arc<str>, u64), Counts>>;
 
-/// One flush of counts, sent (at most once, see [`Store::add_counts_once`]) until the store
+/// One flush of counts, sent (at most once, see [`Store::add_counts`]) until the store
 /// takes it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Flush {
@@ -462,9 +462,7 @@ impl Task {
             }
             let Some(flush) = &self.retry else { break };
             let deltas = flush.deltas();
-            let sent = self
-                .store
-                .add_counts_once(&flush.writer, flush.seq, &deltas);
+            let sent = self.store.add_counts(&flush.writer, flush.seq, &deltas);
             let result = tokio::time::timeout(self.config.store_timeout, sent).await;
             if !matches!(result, Ok(Ok(()))) {
                 break;
