@@ -684,7 +684,7 @@ mod pipeline_edges {
     use std::time::{Duration, SystemTime};
 
     use ficus::record::Recorder;
-    use ficus::store::spool::Spool;
+    use ficus::store::spool::{Batch, Spool};
     use ficus::store::writer::{Writer, WriterConfig};
     use ficus::store::{self, Store};
 
@@ -715,7 +715,11 @@ mod pipeline_edges {
         let after = record("orders", now, "/b");
         assert_eq!(spool.append(std::slice::from_ref(&after)).unwrap(), 1);
         assert_eq!(spool.pending_records(), 2);
-        let (read, offset) = spool.read_batch(10).unwrap();
+        let Batch {
+            records: read,
+            offset,
+            ..
+        } = spool.read_batch(10).unwrap();
         let ids: Vec<&str> = read.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
             ids,

@@ -11,6 +11,15 @@ use tracing::warn;
 
 use crate::record::Record;
 
+/// Records read from the spool for delivery.
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// The offset just after them, for [`Spool::commit`] once they are stored.
+    pub offset: u64,
+    /// Lines that could not be read back as records (lost, and counted as dropped).
+    pub corrupt: u64,
+}
+
 pub struct Spool {
     path: PathBuf,
     offset_path: PathBuf,
@@ -104,13 +113,13 @@ impl Spool {
         Ok(appended)
     }
 
-    /// Reads up to `max` records from the delivery offset; returns them with the offset
-    /// just after them (to pass to [`Spool::commit`] once they are stored).
-    pub fn read_batch(&self, max: usize) -> io::Result<(Vec<Record>, u64)> {
+    /// Reads up to `max` records from the delivery offset.
+    pub fn read_batch(&self, max: usize) -> io::Result<Batch> {
         let mut reader = BufReader::new(File::open(&self.path)?);
         reader.seek(SeekFrom::Start(self.offset))?;
         let mut records = Vec::new();
         let mut offset = self.offset;
+        let mut corrupt = 0;
         let mut line = Vec::new();
         while records.len() < max && offset < self.len {
             line.clear();
@@ -122,10 +131,17 @@ impl Spool {
             offset += n as u64;
             match serde_json::from_slice::<Record>(&line) {
                 Ok(r) => records.push(r),
-                Err(e) => warn!(error = %e, "skipping a corrupt spool line"),
+                Err(e) => {
+                    warn!(error = %e, "skipping a corrupt spool line: one record lost");
+                    corrupt += 1;
+                }
             }
         }
-        Ok((records, offset))
+        Ok(Batch {
+            records,
+            offset,
+            corrupt,
+        })
     }
 
     /// Marks everything before `offset` as delivered; empties the spool once all is.
@@ -136,16 +152,18 @@ impl Spool {
                 .saturating_sub(count_lines_between(&self.path, self.offset, offset)?);
         self.offset = offset;
         if self.offset == self.len || self.offset_is_torn_tail()? {
+            // The offset file goes back to 0 before the file is emptied: a crash (or a failed
+            // write) between the two then redelivers what was delivered, which is harmless,
+            // instead of skipping as many bytes of the records appended afterwards.
+            write_offset(&self.offset_path, 0)?;
             self.file.set_len(0)?;
             self.file.sync_all()?;
             self.len = 0;
             self.offset = 0;
             self.records = 0;
+            return Ok(());
         }
-        let tmp = self.offset_path.with_extension("tmp");
-        std::fs::write(&tmp, self.offset.to_string())?;
-        File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &self.offset_path)
+        write_offset(&self.offset_path, self.offset)
     }
 
     /// Whether only a torn (never completed) line remains after the offset.
@@ -156,6 +174,14 @@ impl Spool {
         reader.read_until(b'\n', &mut rest)?;
         Ok(!rest.is_empty() && rest.last() != Some(&b'\n'))
     }
+}
+
+/// Replaces the offset file durably: written aside, synced, renamed over.
+fn write_offset(path: &Path, offset: u64) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, offset.to_string())?;
+    File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The length of `path` up to and including its last newline (0 if it has none).

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::spool::Spool;
+use super::spool::{Batch, Spool};
 use super::{CountDelta, Counts, Retention, Store, hour_of};
 use crate::record::{Record, Recorder};
 use crate::telemetry;
@@ -206,11 +206,13 @@ impl Writer {
 
 impl Recorder for Writer {
     fn record(&self, record: Record) {
+        // Counted before it is sent, so that the writer, which subtracts what it takes, never
+        // takes the count below zero (the queue-depth gauge would read 1.8e19).
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(record) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(_) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(telemetry::STORE_DROPPED_TOTAL, "reason" => "queue_full")
                     .increment(1);
@@ -349,28 +351,32 @@ impl Task {
             (appended, spool.pending_bytes())
         })
         .await;
-        let (appended, pending) = match appended {
-            Ok((Ok(a), pending)) => (a as u64, pending),
+        let (appended, pending, reason) = match appended {
+            Ok((Ok(a), pending)) => (a as u64, pending, "spool_full"),
             Ok((Err(e), pending)) => {
                 warn!(error = %e, "cannot write the spool");
-                (0, pending)
+                (0, pending, "spool_error")
             }
             Err(e) => {
                 warn!(error = %e, "spool task failed");
-                (0, 0)
+                (0, 0, "spool_error")
             }
         };
         self.stats.spooled.fetch_add(appended, Ordering::Relaxed);
         self.stats
             .spool_pending_bytes
             .store(pending, Ordering::Relaxed);
-        if appended < n {
-            let lost = n - appended;
-            self.stats.dropped.fetch_add(lost, Ordering::Relaxed);
-            metrics::counter!(telemetry::STORE_DROPPED_TOTAL, "reason" => "spool_full")
-                .increment(lost);
-            warn!(dropped = lost, "spool full: divergence records dropped");
+        self.drop_records(n - appended, reason);
+    }
+
+    /// Counts `n` divergence records lost, by reason, and says so.
+    fn drop_records(&self, n: u64, reason: &'static str) {
+        if n == 0 {
+            return;
         }
+        self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(telemetry::STORE_DROPPED_TOTAL, "reason" => reason).increment(n);
+        warn!(dropped = n, reason, "divergence records dropped");
     }
 
     /// Delivers spooled records, oldest first, while the store answers.
@@ -392,7 +398,12 @@ impl Task {
                     .read_batch(BATCH)
             })
             .await;
-            let Ok(Ok((records, offset))) = read else {
+            let Ok(Ok(Batch {
+                records,
+                offset,
+                corrupt,
+            })) = read
+            else {
                 warn!("cannot read the spool");
                 return;
             };
@@ -412,6 +423,8 @@ impl Task {
             .await;
             match committed {
                 Ok(Ok(pending)) => {
+                    // Counted once they are behind the delivery offset, so never twice.
+                    self.drop_records(corrupt, "spool_corrupt");
                     self.stats
                         .delivered
                         .fetch_add(records.len() as u64, Ordering::Relaxed);

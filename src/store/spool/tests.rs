@@ -50,11 +50,19 @@ fn delivers_in_order_and_empties_itself() {
     let recs = records(5);
     assert_eq!(spool.append(&recs).unwrap(), 5);
     assert_eq!(spool.pending_records(), 5);
-    let (first, offset) = spool.read_batch(3).unwrap();
+    let Batch {
+        records: first,
+        offset,
+        ..
+    } = spool.read_batch(3).unwrap();
     assert_eq!(first, recs[..3]);
     spool.commit(offset).unwrap();
     assert_eq!(spool.pending_records(), 2);
-    let (rest, offset) = spool.read_batch(10).unwrap();
+    let Batch {
+        records: rest,
+        offset,
+        ..
+    } = spool.read_batch(10).unwrap();
     assert_eq!(rest, recs[3..]);
     spool.commit(offset).unwrap();
     assert!(!spool.pending());
@@ -73,13 +81,13 @@ fn a_restart_delivers_what_was_left() {
     {
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         spool.append(&recs).unwrap();
-        let (_, offset) = spool.read_batch(1).unwrap();
+        let Batch { offset, .. } = spool.read_batch(1).unwrap();
         spool.commit(offset).unwrap();
         // The process dies here.
     }
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
     assert_eq!(spool.pending_records(), 3);
-    let (left, _) = spool.read_batch(10).unwrap();
+    let Batch { records: left, .. } = spool.read_batch(10).unwrap();
     assert_eq!(left, recs[1..]);
 }
 
@@ -108,8 +116,64 @@ fn a_torn_last_line_is_skipped() {
         .unwrap();
     f.write_all(b"{\"id\":\"half").unwrap();
     let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-    let (read, offset) = spool.read_batch(10).unwrap();
+    let Batch {
+        records: read,
+        offset,
+        ..
+    } = spool.read_batch(10).unwrap();
     assert_eq!(read, recs);
     spool.commit(offset).unwrap();
     assert!(!spool.pending());
+}
+
+#[test]
+fn a_corrupt_line_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let recs = records(2);
+    {
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool.append(&recs[..1]).unwrap();
+    }
+    // A whole line that is not a record (a disk error, a hand edit).
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("records.jsonl"))
+        .unwrap();
+    f.write_all(b"{\"id\":\"not a record\"}\n").unwrap();
+    let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    spool.append(&recs[1..]).unwrap();
+    let Batch {
+        records: read,
+        offset,
+        corrupt,
+    } = spool.read_batch(10).unwrap();
+    assert_eq!(read, recs);
+    assert_eq!(corrupt, 1);
+    spool.commit(offset).unwrap();
+    assert!(!spool.pending());
+}
+
+#[test]
+fn a_failed_offset_write_while_emptying_never_skips_later_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let recs = records(4);
+    let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    spool.append(&recs[..3]).unwrap();
+    let Batch { offset, .. } = spool.read_batch(1).unwrap();
+    spool.commit(offset).unwrap();
+    // The offset file cannot be replaced now (its temporary name is taken by a directory),
+    // as on a full disk, just as the last delivery empties the spool.
+    std::fs::create_dir(dir.path().join("delivered.tmp")).unwrap();
+    let Batch { offset, .. } = spool.read_batch(10).unwrap();
+    assert!(spool.commit(offset).is_err());
+    // A record arrives, then the process dies.
+    spool.append(&recs[3..]).unwrap();
+    drop(spool);
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let Batch { records: left, .. } = spool.read_batch(10).unwrap();
+    assert!(
+        left.contains(&recs[3]),
+        "the record appended after the failed commit was skipped: {} left",
+        left.len()
+    );
 }
