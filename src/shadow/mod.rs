@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use metrics::{Counter, Gauge, Histogram};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::compare::{self, Comparator, Comparison, Difference};
 use crate::proxy::ConnInfo;
@@ -272,12 +272,32 @@ pub struct NoiseTable {
     routes: Mutex<HashMap<Arc<str>, HashMap<String, u64>>>,
 }
 
+/// Distinct noisy paths kept per route. Array indices are generalised away, but object keys
+/// are not: a legacy answer keyed by session ids or timestamps would otherwise grow the
+/// table by a path per probe, for ever.
+pub const MAX_NOISY_PATHS_PER_ROUTE: usize = 1_000;
+
 impl NoiseTable {
     fn learn(&self, route: &Arc<str>, paths: impl Iterator<Item = String>) {
         let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
         let table = routes.entry(route.clone()).or_default();
+        let was_full = table.len() >= MAX_NOISY_PATHS_PER_ROUTE;
+        let mut refused = 0usize;
         for path in paths {
-            *table.entry(path).or_default() += 1;
+            if let Some(n) = table.get_mut(&path) {
+                *n += 1;
+            } else if table.len() < MAX_NOISY_PATHS_PER_ROUTE {
+                table.insert(path, 1);
+            } else {
+                refused += 1;
+            }
+        }
+        if refused > 0 && !was_full {
+            warn!(
+                route = %route,
+                limit = MAX_NOISY_PATHS_PER_ROUTE,
+                "the route's table of noisy fields is full; new noisy paths are no longer learned (dynamic object keys?)"
+            );
         }
     }
 
@@ -946,5 +966,33 @@ impl Captured {
             body: &self.body,
             latency: self.latency,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_routes_table_of_noisy_paths_is_bounded() {
+        let table = NoiseTable::default();
+        let route: Arc<str> = "sessions".into();
+        table.learn(
+            &route,
+            (0..MAX_NOISY_PATHS_PER_ROUTE + 500).map(|i| format!("/by_id/k{i}")),
+        );
+        // Known paths still count up; new ones are refused.
+        table.learn(
+            &route,
+            ["/by_id/k0".to_string(), "/late".to_string()].into_iter(),
+        );
+        let paths = table.paths("sessions");
+        assert_eq!(paths.len(), MAX_NOISY_PATHS_PER_ROUTE);
+        assert!(paths.contains(&("/by_id/k0".to_string(), 2)));
+        assert!(table.is_noisy("sessions", "/by_id/k0"));
+        assert!(!table.is_noisy("sessions", "/late"));
+        // Other routes have tables of their own.
+        table.learn(&"other".into(), std::iter::once("/late".to_string()));
+        assert!(table.is_noisy("other", "/late"));
     }
 }
