@@ -159,6 +159,62 @@ async fn named_upstream_errors_name_the_upstream() {
     );
 }
 
+/// An upstream that sends its head and the start of its body, then hangs: the upstream
+/// timeout also bounds the silence in the middle of a body, so the client's connection is
+/// cut (the answer is truncated, as a proxy cannot change its status any more) instead of
+/// hanging for as long as the client waits. A body that keeps coming is not cut, however long.
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_off_after_its_timeout() {
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, support::BoxError>>(2);
+        let slow_but_steady = req.uri().path() == "/steady";
+        tokio::spawn(async move {
+            for _ in 0..if slow_but_steady { 8 } else { 1 } {
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"part;"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if !slow_but_steady {
+                // Hangs, holding the body open.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            drop(tx);
+        });
+        Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))))
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let rules = format!("[upstreams]\nlegacy = {{ timeout = \"300ms\" }}\n{ANY_TO_LEGACY}");
+    let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
+
+    let mut resp = client().get(proxy.url("/stall")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.chunk().await.unwrap().unwrap(), "part;");
+    let rest = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+        .await
+        .expect("the stalled answer was cut off, not left hanging");
+    assert!(
+        rest.is_err(),
+        "the truncated answer ends in an error: {rest:?}"
+    );
+
+    // 8 parts 100 ms apart: 800 ms in all, but never 300 ms of silence.
+    let text = client()
+        .get(proxy.url("/steady"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text, "part;".repeat(8));
+}
+
 /// The backend sends one chunk, then waits until the client has it before sending the rest:
 /// a proxy that buffered the whole body would never deliver the first chunk.
 #[tokio::test]

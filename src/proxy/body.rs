@@ -136,3 +136,78 @@ where
         self.inner.size_hint()
     }
 }
+
+/// The error a [`Stalled`] body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?} in the middle of its response body")]
+pub struct BodyStalled(pub Duration);
+
+/// A response body that fails with [`BodyStalled`] once the upstream sends nothing for
+/// `timeout` in the middle of it, as nginx's `proxy_read_timeout` does: otherwise an upstream
+/// that sends its head and then hangs holds the client's connection and its own for as long
+/// as the client waits. The timer starts only when a read would wait, so a body that arrives
+/// with its head (most small answers) never sets one.
+pub struct Stalled<B> {
+    inner: B,
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the timer runs for the current wait (it is re-armed after each frame).
+    armed: bool,
+}
+
+impl<B> Stalled<B> {
+    pub fn new(inner: B, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            timer: None,
+            armed: false,
+        }
+    }
+}
+
+impl<B> Body for Stalled<B>
+where
+    B: Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<crate::upstream::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = crate::upstream::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.armed = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    this.armed = true;
+                    let deadline = tokio::time::Instant::now() + this.timeout;
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                match this.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => {
+                        Poll::Ready(Some(Err(Box::new(BodyStalled(this.timeout)))))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -449,7 +449,8 @@ where
         });
     }
     headers::prepare_response(&mut resp, request_id, upgraded);
-    Ok(resp.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+    let timeout = upstream.timeout;
+    Ok(resp.map(|b| body::Stalled::new(b, timeout).boxed_unsync()))
 }
 
 /// Rewrites the request's path to its canonical form ([`route::path::normalize`]).
