@@ -68,12 +68,12 @@ pub fn load_with_env(
     let mut errors = Vec::new();
     let mut sources = Vec::new();
     for file in files {
-        match std::fs::read_to_string(&file) {
+        match read_rules_file(&file) {
             Ok(text) => sources.push((file, text)),
-            Err(e) => errors.push(Diagnostic {
+            Err(message) => errors.push(Diagnostic {
                 severity: Severity::Error,
                 location: diag::file_location(&file),
-                message: format!("cannot read rules file: {e}"),
+                message,
                 hint: None,
             }),
         }
@@ -86,6 +86,31 @@ pub fn load_with_env(
         Ok(_) if !errors.is_empty() => Err(errors),
         Ok(loaded) => Ok(loaded),
     }
+}
+
+/// The largest rules file read. Reloads are serialised and read files whole, so a runaway
+/// generator's output must not take the memory or the time of every later reload.
+pub const MAX_RULES_FILE_BYTES: u64 = 16 << 20;
+
+/// Reads one rules file: a regular file (a FIFO or a device named `*.toml` would block the
+/// reload, and every one after it, for ever) of at most [`MAX_RULES_FILE_BYTES`].
+fn read_rules_file(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(file).map_err(|e| format!("cannot read rules file: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file: rules files must be plain files".into());
+    }
+    let mut text = String::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_RULES_FILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read rules file: {e}"))?;
+    if text.len() as u64 > MAX_RULES_FILE_BYTES {
+        return Err(format!(
+            "rules file larger than {} MiB: split it, or check what wrote it",
+            MAX_RULES_FILE_BYTES >> 20
+        ));
+    }
+    Ok(text)
 }
 
 /// Validates and compiles rules from in-memory sources `(file name, text)`, in load order.

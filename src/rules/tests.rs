@@ -375,6 +375,46 @@ fn symlink_loops_in_the_rules_directory_terminate() {
     assert_eq!(files.len(), 1, "{files:?}");
 }
 
+/// A FIFO named `*.toml` would block the reader until someone writes to it: the load (and,
+/// as reloads are serialised, every later one) would never end. It is refused instead, and so
+/// is a file too large to be rules.
+#[test]
+fn special_and_oversized_rules_files_are_refused_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), "[[route]]\nname = \"a\"\n").unwrap();
+    let fifo = dir.path().join("b.toml");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+    let path = dir.path().to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(load_with_env(&path, &|_| None).map(|_| ()));
+    });
+    let errs = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the load ended")
+        .unwrap_err();
+    let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.contains("b.toml") && e.contains("not a regular file")),
+        "{shown:?}"
+    );
+
+    std::fs::remove_file(&fifo).unwrap();
+    let big = "#".repeat(MAX_RULES_FILE_BYTES as usize + 1);
+    std::fs::write(dir.path().join("c.toml"), big).unwrap();
+    let errs = load_with_env(dir.path(), &|_| None).unwrap_err();
+    let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert!(
+        shown
+            .iter()
+            .any(|e| e.contains("c.toml") && e.contains("larger than 16 MiB")),
+        "{shown:?}"
+    );
+}
+
 #[test]
 fn max_request_body_is_parsed_per_route() {
     let loaded = load_one(
