@@ -346,11 +346,7 @@ async fn h2c_clients_are_served_and_forwarded_as_http1() {
     let legacy = Backend::start("legacy").await;
     let new = Backend::start("new").await;
     let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .no_proxy()
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let resp = h2.get(proxy.url("/h2?x=1")).send().await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(backend_of(&resp), "legacy");
@@ -535,11 +531,7 @@ async fn split_http2_cookies_reach_the_http1_upstream_as_one_header() {
     let legacy = Backend::start("legacy").await;
     let new = Backend::start("new").await;
     let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .no_proxy()
-        .build()
-        .unwrap();
+    let h2 = h2_client();
     let resp = h2
         .get(proxy.url("/account"))
         .header("cookie", "session=abc")
@@ -558,4 +550,13 @@ async fn split_http2_cookies_reach_the_http1_upstream_as_one_header() {
         .map(|v| v.to_str().unwrap())
         .collect();
     assert_eq!(cookies, ["session=abc; theme=dark"]);
+}
+
+/// A client speaking HTTP/2 by prior knowledge (h2c), as a gRPC or service-mesh client does.
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap()
 }

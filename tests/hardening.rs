@@ -323,6 +323,22 @@ async fn slow_clients_and_connection_floods_cannot_hold_the_proxy() {
         .ok();
     drop(slow);
 
+    // Slowloris at its simplest: connect and send nothing, or one byte of the HTTP/2 preface
+    // (before the protocol is known, hyper's own header timeout does not run yet). Cut off
+    // too: a few thousand such sockets would otherwise hold every connection permit.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut partial = TcpStream::connect(addr).await.unwrap();
+    partial.write_all(b"P").await.unwrap();
+    for (what, s) in [("nothing", &mut silent), ("one byte", &mut partial)] {
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        assert!(
+            closed.is_ok(),
+            "a client that sent {what} was still connected 10 s later (header read timeout 300 ms)"
+        );
+    }
+    drop((silent, partial));
+
     // Flood: at the connection limit, a new connection is closed at once, unanswered.
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -541,8 +557,6 @@ async fn an_h2_client_past_the_stream_limit_is_refused_and_the_rest_is_served() 
     );
 }
 
-const ALL_TO_LEGACY: &str = "[[route]]\nname = \"all\"\n";
-
 const GET_CLOSE: &[u8] = b"GET /x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n";
 
 /// Writes `raw`, then reads until the proxy closes the connection (at most 10 s). `None`: the
@@ -555,51 +569,6 @@ async fn send_and_read_to_end(addr: SocketAddr, raw: &[u8]) -> Option<Vec<u8>> {
         Ok(_) => Some(buf),
         Err(_) => None,
     }
-}
-
-/// Slow-loris at its simplest: connect and send nothing (or one byte of the HTTP/2 preface).
-/// `--header-read-timeout` promises that a client that does not send a request head in time
-/// is cut off; otherwise such sockets hold a `--max-connections` permit and a descriptor
-/// forever, and a few thousand of them lock every client out.
-#[tokio::test]
-async fn a_connection_that_sends_no_request_head_is_cut_off_by_the_header_read_timeout() {
-    let legacy = Backend::start("legacy").await;
-    let new = Backend::start("new").await;
-    let proxy = TestProxy::start_with(ALL_TO_LEGACY, legacy.url(), new.url(), |c| {
-        c.limits.max_connections = 2;
-        c.limits.header_read_timeout = Duration::from_millis(300);
-    })
-    .await;
-    let addr = proxy.ficus.proxy_addr();
-
-    let mut silent = TcpStream::connect(addr).await.unwrap();
-    let mut partial = TcpStream::connect(addr).await.unwrap();
-    partial.write_all(b"P").await.unwrap();
-    for (what, s) in [("nothing", &mut silent), ("one byte", &mut partial)] {
-        let mut buf = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-        assert!(
-            closed.is_ok(),
-            "a client that sent {what} was still connected 10 s later (header read timeout 300 ms)"
-        );
-    }
-    drop((silent, partial));
-
-    // And the permits they held are free again.
-    let mut served = false;
-    for _ in 0..100 {
-        if let Some(buf) = send_and_read_to_end(addr, GET_CLOSE).await
-            && buf.starts_with(b"HTTP/1.1 200")
-        {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        served,
-        "the proxy serves again once the silent clients are cut off"
-    );
 }
 
 /// An echo WebSocket server on loopback.
