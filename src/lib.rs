@@ -479,7 +479,14 @@ pub async fn wait_for_signals(ficus: &Ficus) {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); return; }
             _ = tokio::signal::ctrl_c() => { info!("interrupted: shutting down"); return; }
-            _ = hup.recv() => { info!("SIGHUP: reloading rules"); let _ = ficus.reload(); }
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading rules");
+                // Reading and compiling rules is blocking work, and may wait for a reload
+                // already under way: not on this runtime's thread.
+                let (proxy, path) = (ficus.proxy.clone(), ficus.config.rules.clone());
+                let stats = ficus.reloads.clone();
+                tokio::task::spawn_blocking(move || reload(&proxy, &path, &stats));
+            }
         }
     }
 }
