@@ -84,6 +84,17 @@ pub enum GroupsCommand {
     },
 }
 
+/// `NAME=TOKEN` as (name, token); anything else, such as a base64 secret ending in `=`
+/// padding (the part after the first `=` empty or only `=`), is an unnamed token as a whole.
+pub fn split_token(raw: &str) -> (Option<&str>, &str) {
+    match raw.split_once('=') {
+        Some((name, token)) if !name.is_empty() && token.bytes().any(|b| b != b'=') => {
+            (Some(name), token)
+        }
+        _ => (None, raw),
+    }
+}
+
 /// Calls the admin API; returns the status and the JSON body.
 async fn call(
     admin: &AdminArgs,
@@ -96,7 +107,7 @@ async fn call(
     let url = format!("{}{path}", admin.admin.trim_end_matches('/'));
     let mut req = Request::builder().method(method).uri(&url);
     if let Some(token) = &admin.token {
-        let token = token.split_once('=').map_or(token.as_str(), |(_, t)| t);
+        let token = split_token(token).1;
         req = req.header("authorization", format!("Bearer {token}"));
     }
     let body = match body {

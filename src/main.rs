@@ -452,9 +452,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         .admin_token
         .iter()
         .filter(|t| !t.is_empty())
-        .map(|t| match t.split_once('=') {
-            Some((name, token)) => (name.to_string(), token.to_string()),
-            None => ("admin".to_string(), t.clone()),
+        .map(|t| match client::split_token(t) {
+            (Some(name), token) => (name.to_string(), token.to_string()),
+            (None, token) => ("admin".to_string(), token.to_string()),
         })
         .collect();
     config.shadow = ficus::shadow::Settings {

@@ -1334,3 +1334,216 @@ async fn a_replay_that_fails_after_a_request_went_out_says_it_was_sent() {
     assert_eq!(unknown.status(), 404);
     assert!(unknown.json::<Value>().await.unwrap().get("sent").is_none());
 }
+
+/// A backend that answers with its name and keeps every request body it received.
+async fn body_keeping(
+    name: &'static str,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> Backend {
+    use http_body_util::BodyExt;
+    Backend::with_handler(name, move |req| {
+        let bodies = bodies.clone();
+        async move {
+            let bytes = req.into_body().collect().await.unwrap().to_bytes();
+            bodies
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&bytes).into_owned());
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(json!({"side": name}).to_string()))
+                .unwrap()
+        }
+    })
+    .await
+}
+
+/// A request body is stored with its `compare.redact` values replaced by `"[redacted]"`; a
+/// replay of it would send that placeholder instead of the real value (a password, a card
+/// number) to both production sides. Such a record cannot be replayed faithfully.
+#[tokio::test]
+async fn replay_never_sends_a_redacted_request_body_placeholder_upstream() {
+    use std::sync::{Arc, Mutex};
+    let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+    let legacy = body_keeping("legacy", bodies.clone()).await;
+    let new = body_keeping("new", bodies.clone()).await;
+    let rules = "[[route]]\nname = \"accounts\"\n[route.shadow]\nwrites = true\n[route.compare]\nredact = [\"/password\"]\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    c.post(proxy.url("/api/accounts"))
+        .header("content-type", "application/json")
+        .body(r#"{"user":"ann","password":"hunter2"}"#)
+        .send()
+        .await
+        .unwrap();
+    let records = proxy.wait_records(1).await;
+    assert_eq!(records.len(), 1);
+    let stored = records[0].request.body.body.clone().unwrap_or_default();
+    assert!(stored.contains("[redacted]"), "{stored}");
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            bodies.lock().unwrap().len() == 2
+        })
+        .await
+    );
+    let resp = c
+        .post(proxy.admin_url(&format!(
+            "/api/divergences/{}/replay?allow_writes=true",
+            records[0].id
+        )))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let answer: Value = resp.json().await.unwrap();
+    let sent = bodies.lock().unwrap().clone();
+    assert!(
+        !sent.iter().any(|b| b.contains("[redacted]")),
+        "the replay wrote the redaction placeholder to the upstreams ({status} {answer}): {sent:?}"
+    );
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["error"], "unreplayable", "{answer}");
+}
+
+/// A replay takes as long as both upstreams do; an operator's change to the record made
+/// meanwhile (state, note) must not be overwritten by the replay's copy of the record, read
+/// before the upstreams were called.
+#[tokio::test]
+async fn a_change_made_while_a_replay_is_in_flight_is_not_lost() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let legacy = diverging("legacy", 1).await;
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let replays = Arc::new(AtomicUsize::new(0));
+    let (gate, seen) = (release.clone(), replays.clone());
+    let new = Backend::with_handler("new", move |req| {
+        let replay = req.headers().contains_key("x-ficus-replay");
+        let path = req.uri().path().to_string();
+        let (gate, seen) = (gate.clone(), seen.clone());
+        async move {
+            if replay {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _permit = gate.acquire().await.unwrap();
+            }
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(json!({"path": path, "total": 2}).to_string()))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    let c = client();
+    c.get(proxy.url("/api/orders/1")).send().await.unwrap();
+    let id = proxy.wait_records(1).await[0].id.clone();
+
+    let replay = tokio::spawn({
+        let (c, url) = (
+            c.clone(),
+            proxy.admin_url(&format!("/api/divergences/{id}/replay")),
+        );
+        async move { c.post(url).send().await.unwrap().status() }
+    });
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            replays.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "the replay never reached the new side"
+    );
+    let patched = c
+        .patch(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .json(&json!({"state": "expected", "note": "intended: new totals"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    release.add_permits(1);
+    assert_eq!(replay.await.unwrap(), 200);
+
+    let record: Value = c
+        .get(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        record["state"], "expected",
+        "the PATCH was overwritten: {record}"
+    );
+    assert_eq!(record["note"], "intended: new totals", "{record}");
+    let history = record["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "both the change and the replay: {record}");
+}
+
+/// `POST /api/rules/impact` loads candidate rules sent by the caller, expanding `${VAR}` from
+/// ficus's own environment; the errors it answers with quote the expanded value. A caller
+/// must not be able to read the process environment (store passwords, other admin tokens,
+/// cloud credentials) by naming a variable as an upstream.
+#[tokio::test]
+async fn rules_impact_does_not_reveal_the_process_environment() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let secret = std::env::var("PATH").expect("PATH is set for tests");
+    assert!(secret.len() > 3);
+    let candidate = "[upstreams]\nleak = \"${PATH}\"\n[[route]]\nname = \"orders\"\nnew = \"leak\"\n[route.match]\npath_prefix = \"/api/orders/\"\n";
+    let resp = client()
+        .post(proxy.admin_url("/api/rules/impact"))
+        .json(&json!({"files": {"leak.toml": candidate}}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = resp.text().await.unwrap();
+    assert!(
+        !body.contains(&secret),
+        "the answer ({status}) quotes the value of $PATH: {body}"
+    );
+}
+
+/// On a route with `compare.redact`, a JSON request body is stored re-serialised (compact),
+/// so its length is not the recorded `content-length` any more. A replay must send a body
+/// and a length that agree: otherwise the upstream reads a cut body (or waits for bytes
+/// that never come, and the rest of the body is left on the connection).
+#[tokio::test]
+async fn replay_sends_a_content_length_that_matches_the_replayed_body() {
+    use std::sync::{Arc, Mutex};
+    let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+    let legacy = body_keeping("legacy", bodies.clone()).await;
+    let new = body_keeping("new", bodies.clone()).await;
+    let rules = "[[route]]\nname = \"accounts\"\n[route.shadow]\nwrites = true\n[route.compare]\nredact = [\"/password\"]\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    c.post(proxy.url("/api/accounts"))
+        .header("content-type", "application/json")
+        .body(r#"{ "user": "ann", "plan": "pro" }"#)
+        .send()
+        .await
+        .unwrap();
+    let id = proxy.wait_records(1).await[0].id.clone();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            bodies.lock().unwrap().len() == 2
+        })
+        .await
+    );
+    let resp = c
+        .post(proxy.admin_url(&format!("/api/divergences/{id}/replay?allow_writes=true")))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let sent = bodies.lock().unwrap().clone();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    for body in &sent[2..] {
+        let parsed: Result<Value, _> = serde_json::from_str(body);
+        assert_eq!(
+            parsed.ok(),
+            Some(json!({"user": "ann", "plan": "pro"})),
+            "the upstream got a cut body: {body:?}"
+        );
+    }
+}

@@ -340,3 +340,85 @@ async fn serve_from_environment_reloads_on_sighup_and_stops_on_sigterm() {
             .is_some_and(|id| id.len() == 36)
     );
 }
+
+/// `--admin-token` takes `NAME=TOKEN`, splitting at the first `=`. A base64 secret ends in
+/// `=` padding (`openssl rand -base64 32`), and `ops=` is what `ops=$TOKEN` gives with an unset
+/// variable: either way the token part is empty (or only `=`), and that must not turn into "no
+/// Authorization header needed" (or a secret of `=`). ficus must either refuse to start or
+/// still ask for the real token.
+#[tokio::test]
+async fn an_admin_token_that_parses_to_an_empty_secret_does_not_open_the_api() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    for token in ["c2VjcmV0LXRva2Vu=", "dG9rZW4tc2VjcmV0==", "ops="] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.toml"), "[[route]]\nname = \"a\"\n").unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let mut child = Child(
+            Command::new(FICUS)
+                .arg("serve")
+                .args(["--rules", dir.path().to_str().unwrap()])
+                .args(["--legacy", &legacy.url().to_string()])
+                .args(["--new", &new.url().to_string()])
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .args(["--admin-token", token])
+                .arg("--no-watch")
+                .args([
+                    "--store",
+                    &format!("sqlite:{}", dir.path().join("r.db").display()),
+                ])
+                .env_remove("FICUS_ADMIN_TOKEN")
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let c = client();
+        let ready = format!("http://127.0.0.1:{admin}/readyz");
+        let mut exited = false;
+        let mut up = false;
+        for _ in 0..400 {
+            if child.0.try_wait().unwrap().is_some() {
+                exited = true;
+                break;
+            }
+            if c.get(&ready).send().await.is_ok_and(|r| r.status() == 200) {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if exited {
+            continue; // refusing an empty token at start-up is a fine answer
+        }
+        assert!(
+            up,
+            "ficus neither started nor exited with --admin-token {token}"
+        );
+        let resp = c
+            .get(format!("http://127.0.0.1:{admin}/api/divergences"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            401,
+            "--admin-token {token}: the API answers without any Authorization header"
+        );
+        for guess in ["Bearer ", "Bearer ="] {
+            let resp = c
+                .post(format!("http://127.0.0.1:{admin}/api/rules/reload"))
+                .header("authorization", guess)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                resp.status(),
+                401,
+                "--admin-token {token}: `{guess}` is accepted as the token"
+            );
+        }
+    }
+}

@@ -125,7 +125,8 @@ async fn auth(State(state): State<Arc<AdminState>>, mut req: Request, next: Next
     let given = bearer(req.headers()).unwrap_or_default();
     let mut who = None;
     for (name, token) in &state.tokens {
-        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        // An empty token configured never matches a missing or empty one.
+        if !token.is_empty() && bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
             who = Some(name.clone());
         }
     }
@@ -519,6 +520,21 @@ async fn replay_record(
             "the recorded request body is incomplete (cut at the record body limit, or not text)",
         ));
     }
+    // A body stored with `compare.redact` values replaced would write the placeholder in place
+    // of the real value (a password, a card number).
+    if record
+        .request
+        .body
+        .body
+        .as_deref()
+        .is_some_and(|b| b.contains(&format!("\"{}\"", crate::compare::REDACTED)))
+    {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "unreplayable",
+            "the recorded request body has redacted values: replaying it would send the placeholder",
+        ));
+    }
     let live = state.proxy.live();
     let Some(route) = live.rules.route_by_name(&record.route) else {
         return Err(Refusal::new(
@@ -549,6 +565,10 @@ async fn replay_record(
         for (name, value) in &record.request.headers {
             // Redacted secrets are not replayed: the upstream sees the request without them.
             if value == crate::compare::REDACTED {
+                continue;
+            }
+            // The stored body may be re-serialised (redaction): its length is the body's own.
+            if name.eq_ignore_ascii_case("content-length") {
                 continue;
             }
             if let (Ok(n), Ok(v)) = (
@@ -619,6 +639,13 @@ async fn replay_record(
             .after_sending());
         }
     };
+    // The upstreams took time: save the replay's outcome onto the record as it is now, not
+    // onto the copy read before, so a change made meanwhile is kept.
+    match state.store.get(&record.id).await {
+        Ok(Some(current)) => record = current,
+        Ok(None) => {}
+        Err(e) => return Err(Refusal::store(&e).after_sending()),
+    }
     let mut comparison = comparator.compare(&as_compare(&legacy), &as_compare(&new));
     for d in &mut comparison.diffs {
         comparator.redact_diff(d);
@@ -1358,7 +1385,14 @@ async fn impact(
         .into_iter()
         .map(|(name, text)| (std::path::PathBuf::from(name), text))
         .collect();
-    let candidate = match crate::rules::load_sources(sources, &|name| std::env::var(name).ok()) {
+    // Variables are checked for presence only: their values (secrets of this process) must
+    // not come back in the answer's errors.
+    let placeholder = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(|_| "http://env-value.invalid".to_string())
+    };
+    let candidate = match crate::rules::load_sources(sources, &placeholder) {
         Ok(loaded) => loaded.rules,
         Err(errors) => {
             return (
