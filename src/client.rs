@@ -28,6 +28,11 @@ pub struct AdminArgs {
     /// Admin token (`NAME=TOKEN` accepted, as for `serve --admin-token`).
     #[arg(long, env = "FICUS_ADMIN_TOKEN", value_name = "TOKEN", global = true)]
     pub token: Option<String>,
+    /// Longest wait for the admin API's answer: a pipeline running `report
+    /// --fail-unless-ready` must fail, not hang, on a port that accepts and never answers.
+    #[arg(long, env = "FICUS_ADMIN_TIMEOUT", value_name = "DURATION", default_value = "2m",
+          value_parser = humantime::parse_duration, global = true)]
+    pub timeout: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -117,12 +122,24 @@ async fn call(
         }
         None => Full::new(Bytes::new()),
     };
-    let resp = client
-        .request(req.body(body).context("bad admin URL")?)
+    let exchange = async {
+        let resp = client
+            .request(req.body(body).context("bad admin URL")?)
+            .await
+            .with_context(|| format!("cannot reach the admin API at {}", admin.admin))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, bytes))
+    };
+    let (status, bytes) = tokio::time::timeout(admin.timeout, exchange)
         .await
-        .with_context(|| format!("cannot reach the admin API at {}", admin.admin))?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the admin API at {} did not answer within {} (--timeout)",
+                admin.admin,
+                humantime::format_duration(admin.timeout)
+            )
+        })??;
     let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     Ok((status, value))
 }

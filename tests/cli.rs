@@ -129,6 +129,19 @@ fn rules_explain_says_which_route_and_why_not_the_others() {
     assert!(out.contains("no route matches"), "{out}");
 }
 
+/// An admin port that accepts connections and never answers (a wedged process, a proxy in
+/// between): the CLI fails after its timeout instead of hanging a CI pipeline for ever.
+#[test]
+fn the_cli_gives_up_on_an_admin_api_that_never_answers() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // Accepted (the kernel completes the handshake from the backlog), never read nor answered.
+    let (code, _, err) = ficus(&["report", "--admin", &url, "--timeout", "300ms"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("did not answer within 300ms"), "{err}");
+    drop(listener);
+}
+
 #[test]
 fn help_documents_every_flag_and_its_environment_variable() {
     let (code, out, _) = ficus(&["serve", "--help"]);
