@@ -234,8 +234,21 @@ fn joined(items: &[Value], sep: &str) -> String {
     items.iter().map(text).collect::<Vec<_>>().join(sep)
 }
 
+/// A JSON value as terminal text. Strings come from upstream answers (body paths, header
+/// values): their control characters are shown escaped, so an answer cannot send escape
+/// sequences to the operator's terminal.
 fn text(v: &Value) -> String {
     match v {
+        Value::String(s) if s.chars().any(char::is_control) => s
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
@@ -687,4 +700,22 @@ pub async fn routes(admin: &AdminArgs, cmd: RoutesCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn strings_from_answers_reach_the_terminal_without_control_characters() {
+        let d = json!({"in": "body", "op": "replace", "path": "/a\u{1b}[2J", "old": 1, "value": 2});
+        let line = diff_line(&d);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains(r"/a\u{1b}[2J"), "{line}");
+        let h = json!({"in": "header", "path": "x", "old": "a\u{7}", "value": "b\r\nc"});
+        assert!(!diff_line(&h).chars().any(char::is_control));
+        assert_eq!(text(&json!("plain")), "plain");
+    }
 }
