@@ -334,8 +334,11 @@ impl RedisStore {
 
 /// The first 13 characters of the UUIDv7 of `ms` (`xxxxxxxx-xxxx`): every id of that
 /// millisecond starts with it, so it bounds lexicographic ranges.
+/// Past the 48 bits of a UUIDv7 time (the year 10889: a bound given in µs, say), the
+/// prefix is the highest one, so a bound that far out means "any time", as in SQLite, instead
+/// of wrapping around to some other time.
 fn id_prefix(ms: u64) -> String {
-    let hex = format!("{:012x}", ms & 0xffff_ffff_ffff);
+    let hex = format!("{:012x}", ms.min(0xffff_ffff_ffff));
     format!("{}-{}", &hex[..8], &hex[8..])
 }
 
@@ -742,5 +745,8 @@ mod tests {
         assert!(id.starts_with(&p), "{id} {p}");
         assert!(id_prefix(1_790_000_000_122) < id);
         assert!(id_prefix(1_790_000_000_124).as_str() > id.as_str());
+        // A bound past the 48-bit range (micro- instead of milliseconds) saturates.
+        assert!(id_prefix(1_790_000_000_123_000).as_str() > id.as_str());
+        assert_eq!(id_prefix(u64::MAX), "ffffffff-ffff");
     }
 }
