@@ -25,7 +25,8 @@ pub struct AdminArgs {
         global = true
     )]
     pub admin: String,
-    /// Admin token (`NAME=TOKEN` accepted, as for `serve --admin-token`).
+    /// Admin token (`NAME=TOKEN` accepted, as for `serve --admin-token`; of a comma-separated
+    /// list, as `FICUS_ADMIN_TOKEN` may hold for `serve`, the first).
     #[arg(long, env = "FICUS_ADMIN_TOKEN", value_name = "TOKEN", global = true)]
     pub token: Option<String>,
     /// Longest wait for the admin API's answer: a pipeline running `report
@@ -100,6 +101,13 @@ pub fn split_token(raw: &str) -> (Option<&str>, &str) {
     }
 }
 
+/// The secret the CLI sends for `--token`: `FICUS_ADMIN_TOKEN` may list several tokens for
+/// `serve`, of which the CLI uses the first, and each may be `NAME=TOKEN`.
+fn bearer(raw: &str) -> &str {
+    let first = raw.split(',').next().unwrap_or(raw).trim();
+    split_token(first).1
+}
+
 /// Calls the admin API; returns the status and the JSON body.
 async fn call(
     admin: &AdminArgs,
@@ -112,7 +120,7 @@ async fn call(
     let url = format!("{}{path}", admin.admin.trim_end_matches('/'));
     let mut req = Request::builder().method(method).uri(&url);
     if let Some(token) = &admin.token {
-        let token = split_token(token).1;
+        let token = bearer(token);
         req = req.header("authorization", format!("Bearer {token}"));
     }
     let body = match body {
@@ -717,5 +725,13 @@ mod tests {
         let h = json!({"in": "header", "path": "x", "old": "a\u{7}", "value": "b\r\nc"});
         assert!(!diff_line(&h).chars().any(char::is_control));
         assert_eq!(text(&json!("plain")), "plain");
+    }
+
+    #[test]
+    fn the_cli_sends_the_first_of_several_tokens_without_its_name() {
+        assert_eq!(bearer("s3cret"), "s3cret");
+        assert_eq!(bearer("alice=s3cret"), "s3cret");
+        assert_eq!(bearer("alice=s3cret, bob=other"), "s3cret");
+        assert_eq!(bearer("c2VjcmV0=,bob=other"), "c2VjcmV0=");
     }
 }
