@@ -183,3 +183,24 @@ async fn divergent_field_labels_stay_bounded() {
         Some(50.0)
     );
 }
+
+/// The alerts on rejected reloads and dropped records use `increase()`, which needs a sample
+/// before the first event: a counter that only appears, at 1, with the first rejected reload
+/// never shows an increase, and the alert never fires. So these series exist at 0 from start.
+#[tokio::test]
+async fn reload_and_drop_counters_are_exported_at_zero_before_the_first_event() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start("[[route]]\nname = \"m-quiet\"\n", legacy.url(), new.url()).await;
+    let text = proxy.metrics().await;
+    for series in [
+        r#"ficus_rules_reloads_total{result="ok"}"#,
+        r#"ficus_rules_reloads_total{result="error"}"#,
+        r#"ficus_store_dropped_total{reason="queue_full"}"#,
+        r#"ficus_store_dropped_total{reason="spool_full"}"#,
+        r#"ficus_store_dropped_total{reason="spool_error"}"#,
+        r#"ficus_store_dropped_total{reason="spool_corrupt"}"#,
+    ] {
+        assert_eq!(value(&text, series), Some(0.0), "{series} in\n{text}");
+    }
+}

@@ -29,10 +29,23 @@ pub fn install() -> Option<PrometheusHandle> {
             let handle = recorder.handle();
             ::metrics::set_global_recorder(recorder).ok()?;
             describe();
+            zero_event_counters();
             ::metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             Some(handle)
         })
         .clone()
+}
+
+/// Counters of rare events, exported at 0 from start: the alerts on them use `increase()`,
+/// which sees nothing when a series first appears already at 1 (one rejected reload, one
+/// burst of dropped records would never fire).
+fn zero_event_counters() {
+    for result in ["ok", "error"] {
+        ::metrics::counter!(RULES_RELOADS_TOTAL, "result" => result).increment(0);
+    }
+    for reason in ["queue_full", "spool_full", "spool_error", "spool_corrupt"] {
+        ::metrics::counter!(STORE_DROPPED_TOTAL, "reason" => reason).increment(0);
+    }
 }
 
 fn describe() {
