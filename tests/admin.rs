@@ -1547,3 +1547,54 @@ async fn replay_sends_a_content_length_that_matches_the_replayed_body() {
         );
     }
 }
+
+/// The gate's window is counted in whole hours, the current one included: a 24 h window is
+/// the current hour and the 23 before it, the same hours as the report's 24-hour history. The
+/// hour that began 24 hours ago is stale evidence: clean comparisons made then must not make a
+/// route that has barely been compared since look ready.
+#[tokio::test]
+async fn report_window_leaves_out_the_hour_before_the_window() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = r#"
+[[route]]
+name = "w-stale"
+[route.shadow]
+[route.gate]
+min_samples = 100
+max_divergence_rate = 0.01
+window = "24h"
+"#;
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let now_hour = ficus::store::hour_of(ficus::store::writer::now_ms());
+    let delta = |hour: u64, comparisons: u64| ficus::store::CountDelta {
+        route: "w-stale".into(),
+        hour,
+        counts: ficus::store::Counts {
+            comparisons,
+            divergences: 0,
+        },
+    };
+    proxy
+        .ficus
+        .store()
+        .add_counts(
+            "test-writer",
+            1,
+            &[delta(now_hour - 24, 10_000), delta(now_hour, 50)],
+        )
+        .await
+        .unwrap();
+    let report = proxy.report().await;
+    let route = report["routes"][0].clone();
+    assert_eq!(route["route"], "w-stale");
+    let history: u64 = route["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["comparisons"].as_u64().unwrap())
+        .sum();
+    assert_eq!(history, 50, "{route}");
+    assert_eq!(route["comparisons"]["window"], 50, "{route}");
+    assert_eq!(route["verdict"], "insufficient-data", "{route}");
+}

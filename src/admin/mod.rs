@@ -701,7 +701,13 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
     for route in &live.rules.routes {
         let name = route.name.to_string();
         let gate = route.gate;
-        let since = now.saturating_sub(u64::try_from(gate.window.as_millis()).unwrap_or(u64::MAX));
+        // The window in whole hours, the current one included: a 24 h window is the current
+        // hour and the 23 before it (the hours of the history below), not 25 of them.
+        let window_hours = u64::try_from(gate.window.as_millis().div_ceil(3_600_000))
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let window_first_hour = crate::store::hour_of(now).saturating_sub(window_hours - 1);
+        let since = window_first_hour.saturating_mul(3_600_000);
         let store = &state.store;
         let count = |f: Filter| async move { store.count(&f).await };
         let route_filter = |st: Option<RecordState>| Filter {
@@ -710,7 +716,7 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
             ..Filter::default()
         };
         let gathered = async {
-            let (total, window) = store.counts(&name, crate::store::hour_of(since)).await?;
+            let (total, window) = store.counts(&name, window_first_hour).await?;
             let mut by_state = Map::new();
             for st in RecordState::ALL {
                 by_state.insert(
