@@ -88,6 +88,10 @@ pub fn load_with_env(
     }
 }
 
+/// The longest readiness window: the Redis store reads at most this many days of hourly
+/// counts in one round trip, and both stores must give the same evidence for the same rules.
+pub const MAX_GATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(62 * 24 * 3600);
+
 /// The largest rules file read. Reloads are serialised and read files whole, so a runaway
 /// generator's output must not take the memory or the time of every later reload.
 pub const MAX_RULES_FILE_BYTES: u64 = 16 << 20;
@@ -623,7 +627,18 @@ impl Builder<'_> {
             if let Some(w) = &g.window
                 && let Some(d) = self.duration(map, &w.span(), w.get_ref())
             {
-                gate.window = d;
+                if d > MAX_GATE_WINDOW {
+                    self.error(
+                        map,
+                        &w.span(),
+                        format!("gate window `{}` is longer than 62 days", w.get_ref()),
+                        Some(
+                            "the verdict reads at most 62 days of hourly counts (on Redis as on SQLite); use e.g. window = \"7d\""
+                                .into(),
+                        ),
+                    );
+                }
+                gate.window = d.min(MAX_GATE_WINDOW);
             }
         }
         let mut classify = Vec::new();

@@ -475,3 +475,14 @@ mod properties {
         }
     }
 }
+
+/// The verdict reads at most 62 days of hourly counts on Redis; a longer window would give a
+/// different verdict on SQLite for the same rules, so it is refused where it is written.
+#[test]
+fn a_gate_window_longer_than_the_stores_read_is_refused() {
+    let errs = errors("[[route]]\nname = \"a\"\n[route.gate]\nwindow = \"90d\"\n");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("r.toml:4:"), "{errs:?}");
+    assert!(errs[0].contains("longer than 62 days"), "{errs:?}");
+    assert!(load_one("[[route]]\nname = \"a\"\n[route.gate]\nwindow = \"62d\"\n").is_ok());
+}
