@@ -52,7 +52,7 @@ end
 return 1";
 
 /// How long a writer's last flush is remembered (a live writer refreshes it every flush).
-const FLUSH_MARKER_TTL_SECS: i64 = 2 * 24 * 3600;
+const FLUSH_MARKER_TTL_SECS: i64 = 30 * 24 * 3600;
 
 /// ARGV[4] is the record as the caller read it: if it changed meanwhile (another update), the
 /// old indexes in KEYS[2] and KEYS[4] may be wrong, so nothing is done (-1) and the caller reads

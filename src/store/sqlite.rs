@@ -9,7 +9,7 @@ use super::{BoxFuture, CountDelta, Counts, Filter, Override, Page, Retention, St
 use crate::record::{Record, State};
 
 /// How long a writer's last flush is remembered (see `Store::add_counts`).
-const FLUSH_MARKER_MS: u64 = 2 * 24 * 3_600_000;
+const FLUSH_MARKER_MS: u64 = 30 * 24 * 3_600_000;
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -376,7 +376,9 @@ impl Store for SqliteStore {
                 )",
                 [retention.per_route_cap as i64],
             )? as u64;
-            // Flush markers of writers gone for two days (a live writer refreshes its own).
+            // Flush markers of writers gone for 30 days (a live writer refreshes its own; a
+            // restart sends the flush its predecessor left unconfirmed again, and the marker
+            // must outlive the wait for that restart).
             conn.execute(
                 "DELETE FROM count_flushes WHERE at_ms < ?1",
                 [int(now_ms.saturating_sub(FLUSH_MARKER_MS))],
