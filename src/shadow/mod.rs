@@ -132,9 +132,9 @@ pub struct SideFigures<T> {
 }
 
 /// Upper bounds (ms) of the latency buckets; the last bucket is everything above.
-const LATENCY_BOUNDS_MS: [f64; 15] = [
+const LATENCY_BOUNDS_MS: [f64; 18] = [
     0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0,
+    30000.0, 60000.0, 120000.0, 300000.0,
 ];
 
 /// A coarse latency histogram: quantiles come out as bucket upper bounds.
