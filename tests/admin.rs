@@ -1158,6 +1158,13 @@ async fn an_override_flips_a_route_on_every_replica() {
         })
         .await
     );
+    // Lifting an override that already ended says so, instead of "lifted".
+    let late = c
+        .delete(a.admin_url("/api/routes/orders/override"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 404);
 
     for (body, status) in [
         (

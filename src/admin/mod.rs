@@ -1322,6 +1322,22 @@ async fn lift_override(
     Extension(who): Extension<Who>,
     Path(name): Path<String>,
 ) -> Response {
+    // An override past its end no longer applies: lifting it changes nothing, and saying
+    // "lifted" (with an audit entry) would tell the operator on call that it did.
+    let in_force = match state.store.overrides().await {
+        Ok(all) => all
+            .iter()
+            .any(|o| o.route == name && o.until_ms > crate::store::writer::now_ms()),
+        Err(e) => return store_error(&e),
+    };
+    if !in_force {
+        let _ = state.store.delete_override(&name).await;
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no override in force on `{name}`"),
+        );
+    }
     match state.store.delete_override(&name).await {
         Ok(true) => {
             tracing::warn!(route = %name, who = %who.0, "emergency override lifted");
