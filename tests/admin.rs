@@ -1365,38 +1365,54 @@ async fn body_keeping(
     .await
 }
 
-/// A request body is stored with its `compare.redact` values replaced by `"[redacted]"`; a
-/// replay of it would send that placeholder instead of the real value (a password, a card
-/// number) to both production sides. Such a record cannot be replayed faithfully.
-#[tokio::test]
-async fn replay_never_sends_a_redacted_request_body_placeholder_upstream() {
-    use std::sync::{Arc, Mutex};
-    let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
+/// A route that mirrors writes and redacts `/password`, in front of two backends that keep
+/// the request bodies they get; `body` is POSTed through it once, and both sides got it. The
+/// backends come back too: they serve as long as they are kept.
+async fn replay_setup_with_one_write(
+    body: &'static str,
+) -> (
+    TestProxy,
+    [Backend; 2],
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ficus::record::Record,
+) {
+    let bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
     let legacy = body_keeping("legacy", bodies.clone()).await;
     let new = body_keeping("new", bodies.clone()).await;
     let rules = "[[route]]\nname = \"accounts\"\n[route.shadow]\nwrites = true\n[route.compare]\nredact = [\"/password\"]\n";
     let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
-    let c = client();
-    c.post(proxy.url("/api/accounts"))
+    client()
+        .post(proxy.url("/api/accounts"))
         .header("content-type", "application/json")
-        .body(r#"{"user":"ann","password":"hunter2"}"#)
+        .body(body)
         .send()
         .await
         .unwrap();
     let records = proxy.wait_records(1).await;
     assert_eq!(records.len(), 1);
-    let stored = records[0].request.body.body.clone().unwrap_or_default();
-    assert!(stored.contains("[redacted]"), "{stored}");
     assert!(
         support::eventually(std::time::Duration::from_secs(10), || async {
             bodies.lock().unwrap().len() == 2
         })
         .await
     );
-    let resp = c
+    let record = records.into_iter().next().unwrap();
+    (proxy, [legacy, new], bodies, record)
+}
+
+/// A request body is stored with its `compare.redact` values replaced by `"[redacted]"`; a
+/// replay of it would send that placeholder instead of the real value (a password, a card
+/// number) to both production sides. Such a record cannot be replayed faithfully.
+#[tokio::test]
+async fn replay_never_sends_a_redacted_request_body_placeholder_upstream() {
+    let (proxy, _backends, bodies, record) =
+        replay_setup_with_one_write(r#"{"user":"ann","password":"hunter2"}"#).await;
+    let stored = record.request.body.body.clone().unwrap_or_default();
+    assert!(stored.contains("[redacted]"), "{stored}");
+    let resp = client()
         .post(proxy.admin_url(&format!(
             "/api/divergences/{}/replay?allow_writes=true",
-            records[0].id
+            record.id
         )))
         .send()
         .await
@@ -1515,27 +1531,10 @@ async fn rules_impact_does_not_reveal_the_process_environment() {
 /// that never come, and the rest of the body is left on the connection).
 #[tokio::test]
 async fn replay_sends_a_content_length_that_matches_the_replayed_body() {
-    use std::sync::{Arc, Mutex};
-    let bodies: Arc<Mutex<Vec<String>>> = Arc::default();
-    let legacy = body_keeping("legacy", bodies.clone()).await;
-    let new = body_keeping("new", bodies.clone()).await;
-    let rules = "[[route]]\nname = \"accounts\"\n[route.shadow]\nwrites = true\n[route.compare]\nredact = [\"/password\"]\n";
-    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
-    let c = client();
-    c.post(proxy.url("/api/accounts"))
-        .header("content-type", "application/json")
-        .body(r#"{ "user": "ann", "plan": "pro" }"#)
-        .send()
-        .await
-        .unwrap();
-    let id = proxy.wait_records(1).await[0].id.clone();
-    assert!(
-        support::eventually(std::time::Duration::from_secs(10), || async {
-            bodies.lock().unwrap().len() == 2
-        })
-        .await
-    );
-    let resp = c
+    let (proxy, _backends, bodies, record) =
+        replay_setup_with_one_write(r#"{ "user": "ann", "plan": "pro" }"#).await;
+    let id = record.id;
+    let resp = client()
         .post(proxy.admin_url(&format!("/api/divergences/{id}/replay?allow_writes=true")))
         .send()
         .await
