@@ -1604,3 +1604,147 @@ window = "24h"
     assert_eq!(route["comparisons"]["window"], 50, "{route}");
     assert_eq!(route["verdict"], "insufficient-data", "{route}");
 }
+
+/// Record contents come from clients and upstreams. Markup in them must never become markup
+/// in the operator's browser: the workbench builds its DOM from text nodes under a policy
+/// without inline script, and every API answer (which carries those contents) is JSON that a
+/// browser may not sniff into HTML, with a policy that runs nothing should it render anyway.
+#[tokio::test]
+async fn markup_in_records_is_never_served_as_markup() {
+    const XSS: &str = "<img src=x onerror=alert(document.domain)>";
+    let backend = |name: &'static str| {
+        Backend::with_handler(name, move |_req| async move {
+            Response::builder()
+                .header("content-type", "text/html")
+                .header("x-evil", XSS)
+                .body(full(format!("{XSS}{name}")))
+                .unwrap()
+        })
+    };
+    let legacy = backend("legacy").await;
+    let new = backend("new").await;
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| {
+        c.admin_tokens = vec![("alice".into(), "s3cret".into())];
+    })
+    .await;
+    let c = client();
+    c.get(proxy.url(
+        "/api/orders/%3Cimg%20src=x%20onerror=alert(1)%3E?q=%3Cscript%3Ealert(1)%3C/script%3E",
+    ))
+    .header("x-client", XSS)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(proxy.wait_records(1).await.len(), 1);
+
+    let nosniff_json = |resp: &reqwest::Response, what: &str| {
+        let h = resp.headers();
+        assert!(
+            h["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{what}: {h:?}"
+        );
+        assert_eq!(
+            h.get("x-content-type-options").map(|v| v.to_str().unwrap()),
+            Some("nosniff"),
+            "{what} must not be sniffed as HTML: {h:?}"
+        );
+        let csp = h
+            .get("content-security-policy")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+            "{what} carries no policy that would stop a rendered body: {csp:?}"
+        );
+    };
+    let list = c
+        .get(proxy.admin_url("/api/divergences"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    nosniff_json(&list, "the list");
+    let page: Value = list.json().await.unwrap();
+    let id = page["items"][0]["id"].as_str().unwrap().to_string();
+    let one = c
+        .get(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    nosniff_json(&one, "one record");
+    let text = one.text().await.unwrap();
+    assert!(
+        text.contains("onerror"),
+        "the record holds the markup: {text}"
+    );
+    let refused = c
+        .get(proxy.admin_url("/api/divergences"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    nosniff_json(&refused, "a 401");
+    for path in ["/api/groups", "/api/report", "/api/rules", "/api/audit"] {
+        let resp = c
+            .get(proxy.admin_url(path))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        nosniff_json(&resp, path);
+    }
+
+    // The page: its own script only, nothing inline, no framing, and a script that never
+    // parses strings as HTML.
+    let page = c.get(proxy.admin_url("/ui/")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
+    let html = page.text().await.unwrap();
+    let handler = html.split(" on").skip(1).any(|rest| {
+        let name: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
+        !name.is_empty() && rest[name.len()..].starts_with('=')
+    });
+    assert!(
+        !html.contains("<script>") && !handler,
+        "inline script in {html}"
+    );
+    let js = c
+        .get(proxy.admin_url("/ui/app.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let code: String = js
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "DOMParser",
+        "createContextualFragment",
+        "srcdoc",
+        "eval(",
+        "new Function",
+        "javascript:",
+    ] {
+        assert!(!code.contains(sink), "app.js uses {sink}");
+    }
+}

@@ -73,7 +73,28 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics_text))
         .merge(ui::router())
         .merge(api)
+        .layer(middleware::map_response(harden))
         .with_state(state)
+}
+
+/// Every admin response carries `X-Content-Type-Options: nosniff`, so a body built from
+/// record contents (client paths, headers and bodies, upstream answers) is never sniffed into
+/// markup; a response without a policy of its own (the API's JSON, errors, metrics) also gets
+/// one that runs nothing and cannot be framed, should a browser render it anyway. The
+/// workbench's assets keep their own policy.
+async fn harden(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; sandbox"),
+        );
+    }
+    resp
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
