@@ -129,3 +129,28 @@ async fn untrusted_upstream_certificate_gives_502() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "upstream_unavailable");
 }
+
+/// A certificate file without a certificate (the key given twice, the files swapped, a DER
+/// file) is refused at start-up with an error that names the file and the mistake, not
+/// rustls's "peer sent no certificates".
+#[test]
+fn a_certificate_file_without_a_certificate_is_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    for cert in [&pki.key, &empty] {
+        let err = match ficus::server::tls_acceptor(cert, &pki.key) {
+            Ok(_) => panic!("{} holds no certificate but was accepted", cert.display()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&cert.display().to_string()),
+            "the error names the file: {err}"
+        );
+        assert!(err.contains("no certificate"), "{err}");
+        assert!(!err.contains("peer"), "no peer is involved: {err}");
+    }
+    // The real pair still loads.
+    assert!(ficus::server::tls_acceptor(&pki.cert, &pki.key).is_ok());
+}

@@ -114,6 +114,8 @@ pub enum TlsConfigError {
         path: String,
         source: rustls_pki_types::pem::Error,
     },
+    #[error("certificate file {0} holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)")]
+    NoCertificate(String),
     #[error("invalid certificate or key: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -126,6 +128,11 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsConfigErr
             path: cert.display().to_string(),
             source,
         })?;
+    // Without this, rustls reports an empty chain as "peer sent no certificates", naming
+    // neither the file nor the mistake (a key or a DER file given as the certificate).
+    if certs.is_empty() {
+        return Err(TlsConfigError::NoCertificate(cert.display().to_string()));
+    }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsConfigError::Key {
         path: key.display().to_string(),
         source,
