@@ -1484,14 +1484,7 @@ async fn a_change_made_while_a_replay_is_in_flight_is_not_lost() {
     release.add_permits(1);
     assert_eq!(replay.await.unwrap(), 200);
 
-    let record: Value = c
-        .get(proxy.admin_url(&format!("/api/divergences/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let record: Value = proxy.admin_json(&format!("/api/divergences/{id}")).await;
     assert_eq!(
         record["state"], "expected",
         "the PATCH was overwritten: {record}"
