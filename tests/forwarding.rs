@@ -453,6 +453,119 @@ async fn upstream_timeout_counts_from_the_end_of_the_upload() {
     assert_eq!(resp.text().await.unwrap(), "50");
 }
 
+/// A client that stops in the middle of its upload is the client's failure: 408, counted as a
+/// client error, never as an upstream timeout (which would page the team owning the upstream).
+/// The same upload with a shadow ends the shadow as `aborted`, not `authority_error`.
+#[tokio::test]
+async fn stalled_upload_is_a_client_timeout_not_an_upstream_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        let body = req.into_body().collect().await;
+        Response::new(full(format!("{}", body.is_ok())))
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let rules = "[upstreams]\nlegacy = { timeout = \"300ms\" }\n[[route]]\nname = \"stalled-upload\"\n\
+                 [route.shadow]\nsample = 1.0\nwrites = true\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("ficus answers a stalled upload")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(r#""error":"client_body_timeout""#),
+        "{answer}"
+    );
+
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"ficus_upstream_errors_total{route="stalled-upload",side="legacy",kind="client"} 1"#
+        ),
+        "{metrics}"
+    );
+    let timeouts =
+        r#"ficus_upstream_errors_total{route="stalled-upload",side="legacy",kind="timeout"}"#;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with(timeouts) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"ficus_requests_total{route="stalled-upload",authority="legacy",status="4xx"} 1"#
+        ),
+        "{metrics}"
+    );
+    let aborted = r#"ficus_shadow_total{route="stalled-upload",outcome="aborted"} 1"#;
+    let settled = support::eventually(Duration::from_secs(5), || async {
+        proxy.metrics().await.contains(aborted)
+    })
+    .await;
+    assert!(settled, "{}", proxy.metrics().await);
+}
+
+/// A client that goes away in the middle of its upload: counted as a client error, not as the
+/// upstream's failure (`kind="upstream"` and a 5xx would blame it).
+#[tokio::test]
+async fn upload_cut_by_the_client_is_a_client_error() {
+    use tokio::io::AsyncWriteExt;
+    let (seen_tx, seen_rx) = oneshot::channel::<()>();
+    let seen_tx = std::sync::Mutex::new(Some(seen_tx));
+    let legacy = Backend::with_handler("legacy", move |req| {
+        if let Some(tx) = seen_tx.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        async move {
+            let body = req.into_body().collect().await;
+            Response::new(full(format!("{}", body.is_ok())))
+        }
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(
+        "[[route]]\nname = \"cut-upload\"\n",
+        legacy.url(),
+        new.url(),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), seen_rx)
+        .await
+        .expect("the upload reaches the upstream")
+        .unwrap();
+    drop(s);
+    let counted =
+        r#"ficus_upstream_errors_total{route="cut-upload",side="legacy",kind="client"} 1"#;
+    let settled = support::eventually(Duration::from_secs(5), || async {
+        proxy.metrics().await.contains(counted)
+    })
+    .await;
+    let metrics = proxy.metrics().await;
+    assert!(settled, "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"ficus_requests_total{route="cut-upload",authority="legacy",status="4xx"} 1"#
+        ),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn connect_method_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -12,25 +12,40 @@ use hyper::body::{Body, Frame, SizeHint};
 #[derive(Debug, Clone)]
 pub struct ProgressClock {
     origin: Instant,
-    last_ms: Arc<AtomicU64>,
+    state: Arc<ProgressState>,
+}
+
+#[derive(Debug, Default)]
+struct ProgressState {
+    last_ms: AtomicU64,
+    /// The body's last poll found nothing from the client: the upload, not the upstream, is
+    /// what the exchange waits on.
+    waiting_on_client: AtomicBool,
 }
 
 impl ProgressClock {
     pub fn start() -> Self {
         Self {
             origin: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
+            state: Arc::default(),
         }
     }
 
     fn touch(&self) {
         let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.state.last_ms.store(ms, Ordering::Relaxed);
     }
 
     /// When the request last made progress (its start, or the last body frame sent).
     pub fn last(&self) -> Instant {
-        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        self.origin + Duration::from_millis(self.state.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether the upstream call is waiting for request-body bytes the client has not sent.
+    /// An upstream that stops reading the body stops the body being polled, so this stays
+    /// false then, and the silence is the upstream's.
+    pub fn waiting_on_client(&self) -> bool {
+        self.state.waiting_on_client.load(Ordering::Relaxed)
     }
 }
 
@@ -59,6 +74,10 @@ impl<B: Body + Unpin> Body for Progress<B> {
         if let Poll::Ready(Some(Ok(_)) | None) = &polled {
             self.clock.touch();
         }
+        self.clock
+            .state
+            .waiting_on_client
+            .store(polled.is_pending(), Ordering::Relaxed);
         polled
     }
 
@@ -78,8 +97,16 @@ pub struct TooLarge {
     pub limit: u64,
 }
 
+/// The error of a client's request body that failed mid-stream: the client went away, reset
+/// its HTTP/2 stream, or sent a malformed chunked body. The exchange fails because of the
+/// client, and is not counted against the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyFailed(#[source] pub crate::upstream::BoxError);
+
 /// A request body that fails with [`TooLarge`] past `limit` bytes: the upstream request is
-/// aborted and the client gets 413. Bodies with a `Content-Length` over the limit are refused
+/// aborted and the client gets 413. The client's own body errors come out as
+/// [`ClientBodyFailed`]. Bodies with a `Content-Length` over the limit are refused
 /// before this; it catches chunked and HTTP/2 bodies of unannounced size.
 pub struct Capped<B> {
     inner: B,
@@ -122,7 +149,9 @@ where
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err(Box::new(ClientBodyFailed(e.into())))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

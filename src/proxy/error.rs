@@ -34,6 +34,10 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("{0} is not supported by a reverse proxy")]
     MethodNotAllowed(&'static str),
+    #[error("the client sent no request-body bytes for {timeout:?}")]
+    ClientBodyTimeout { timeout: Duration },
+    #[error("the request body failed before its end: {source}")]
+    ClientBody { source: BoxError },
 }
 
 impl ProxyError {
@@ -43,6 +47,11 @@ impl ProxyError {
         while let Some(s) = source {
             if let Some(t) = s.downcast_ref::<super::body::TooLarge>() {
                 return ProxyError::BodyTooLarge { limit: t.limit };
+            }
+            if let Some(failed) = s.downcast_ref::<super::body::ClientBodyFailed>() {
+                return ProxyError::ClientBody {
+                    source: failed.0.to_string().into(),
+                };
             }
             source = s.source();
         }
@@ -90,7 +99,10 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } | ProxyError::Timeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::BadRequest(_) | ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BadPath(_) | ProxyError::ClientBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -110,6 +122,8 @@ impl ProxyError {
             ProxyError::UriTooLong { .. } => "uri_too_long",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::ClientBodyTimeout { .. } => "client_body_timeout",
+            ProxyError::ClientBody { .. } => "client_body_error",
         }
     }
 
@@ -125,8 +139,15 @@ impl ProxyError {
             | ProxyError::BadPath(_)
             | ProxyError::UriTooLong { .. }
             | ProxyError::BodyTooLarge { .. }
-            | ProxyError::MethodNotAllowed(_) => "client",
+            | ProxyError::MethodNotAllowed(_)
+            | ProxyError::ClientBodyTimeout { .. }
+            | ProxyError::ClientBody { .. } => "client",
         }
+    }
+
+    /// Whether the client, not an upstream, made the exchange fail.
+    pub fn is_client(&self) -> bool {
+        self.side().is_none()
     }
 
     fn side(&self) -> Option<Side> {
@@ -140,7 +161,9 @@ impl ProxyError {
             | ProxyError::BadPath(_)
             | ProxyError::UriTooLong { .. }
             | ProxyError::BodyTooLarge { .. }
-            | ProxyError::MethodNotAllowed(_) => None,
+            | ProxyError::MethodNotAllowed(_)
+            | ProxyError::ClientBodyTimeout { .. }
+            | ProxyError::ClientBody { .. } => None,
         }
     }
 }

@@ -256,14 +256,23 @@ impl Proxy {
                     "kind" => e.kind(),
                 )
                 .increment(1);
-                warn!(
-                    error = %e,
+                if e.is_client() {
+                    debug!(
+                        error = %e,
+                        route = %route.name,
+                        request_id = request_id.to_str().unwrap_or_default(),
+                        "request failed on the client's side"
+                    );
+                } else {
+                    warn!(
+                        error = %e,
                     route = %route.name,
                     side = side.as_str(),
                     upstream = %upstream.name,
                     request_id = request_id.to_str().unwrap_or_default(),
-                    "upstream request failed"
-                );
+                        "upstream request failed"
+                    );
+                }
                 rescue(&e, &route.name, Some(&upstream.name), &request_id)
             }
         };
@@ -346,7 +355,10 @@ impl Proxy {
                 Ok(Response::from_parts(parts, body.boxed_unsync()))
             }
             Err(e) => {
-                let _ = authority_tx.send(AuthorityResult::Failed);
+                // A client that failed its upload aborts the shadow; it is no authority error.
+                if !e.is_client() {
+                    let _ = authority_tx.send(AuthorityResult::Failed);
+                }
                 Err(e)
             }
         }
@@ -420,6 +432,11 @@ where
         match tokio::time::timeout_at((last + upstream.timeout).into(), &mut sent).await {
             Ok(Ok(resp)) => break resp,
             Ok(Err(e)) => return Err(ProxyError::from_client(side, e)),
+            Err(_) if clock.last() == last && clock.waiting_on_client() => {
+                return Err(ProxyError::ClientBodyTimeout {
+                    timeout: upstream.timeout,
+                });
+            }
             Err(_) if clock.last() == last => {
                 return Err(ProxyError::Timeout {
                     side,
