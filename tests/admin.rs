@@ -518,6 +518,28 @@ async fn replay_resolves_a_record_once_the_new_side_is_fixed_and_refuses_writes(
     let resp = replay(post_id, "?allow_writes=true").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(replay("nope".into(), "").await.status(), 404);
+
+    // An emergency override that stops shadowing stops replays too: they call both sides.
+    let resp = c
+        .post(proxy.admin_url("/api/routes/orders/override"))
+        .json(&json!({"shadow": false, "ttl": "1h", "reason": "new side corrupts orders"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let calls = new.count();
+    let resp = replay(get_id.clone(), "").await;
+    assert_eq!(resp.status(), 409);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "shadow_stopped"
+    );
+    assert_eq!(new.count(), calls, "no call reached the new side");
+    c.delete(proxy.admin_url("/api/routes/orders/override"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay(get_id, "").await.status(), 200);
 }
 
 #[tokio::test]

@@ -564,6 +564,22 @@ async fn replay_record(
             format!("route `{}` is no longer in the rules", record.route),
         ));
     };
+    // An emergency override that stops shadowing on the route is there because calling the
+    // other side hurts (a new side corrupting shared data, a legacy side overloaded): a
+    // replay calls both sides, so it waits until the override is lifted or runs out.
+    if let Some(o) = state.proxy.overrides().get(&*route.name)
+        && o.shadow == Some(false)
+        && o.until_ms > crate::store::writer::now_ms()
+    {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "shadow_stopped",
+            format!(
+                "an emergency override stops shadowing on `{}`, and a replay calls both sides; lift it first (DELETE /api/routes/{}/override)",
+                route.name, route.name
+            ),
+        ));
+    }
     let comparator = route.comparator.clone().unwrap_or_default();
     let target = match &record.request.query {
         Some(q) => format!("{}?{q}", record.request.path),
