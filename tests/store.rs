@@ -78,12 +78,48 @@ async fn contract(store: Arc<dyn Store>) {
     store.put(&b).await.unwrap();
 
     // get, and idempotent put: a redelivered record does not overwrite a changed one.
-    let mut first = store.get(&a[0].id).await.unwrap().unwrap();
+    let first = store.get(&a[0].id).await.unwrap().unwrap();
     assert_eq!(first, a[0]);
-    first.state = State::Acknowledged;
-    first.class = Some("defect".into());
-    first.note = Some("rounding".into());
-    store.update(&first).await.unwrap();
+    let first = store
+        .modify(
+            &a[0].id,
+            Arc::new(|r: &mut Record| {
+                r.state = State::Acknowledged;
+                r.class = Some("defect".into());
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.state, State::Acknowledged);
+    assert!(
+        store
+            .modify("no-such-id", Arc::new(|r: &mut Record| r.note = None))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Changes made at once to one record each keep the other's: none is lost.
+    let note = Arc::new(|r: &mut Record| r.note = Some("rounding".into()));
+    let history = Arc::new(|r: &mut Record| {
+        r.history.push(ficus::record::Change {
+            who: "bob".into(),
+            at: "2026-12-01T00:00:00Z".into(),
+            what: serde_json::json!({"replay": "still diverges"}),
+        })
+    });
+    let (x, y) = tokio::join!(
+        store.modify(&a[0].id, note),
+        store.modify(&a[0].id, history)
+    );
+    x.unwrap().unwrap();
+    y.unwrap().unwrap();
+    let first = store.get(&a[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (first.state, first.class.as_deref(), first.note.as_deref()),
+        (State::Acknowledged, Some("defect"), Some("rounding"))
+    );
+    assert_eq!(first.history.len(), 1);
     store.put(&a[..1]).await.unwrap();
     assert_eq!(store.get(&a[0].id).await.unwrap().unwrap(), first);
     assert!(store.get("no-such-id").await.unwrap().is_none());
@@ -809,11 +845,12 @@ mod pipeline_edges {
         let store = store::open(&redis.url(), "ficus:").await.unwrap();
         let r = record("orders", SystemTime::now(), "/a");
         store.put(std::slice::from_ref(&r)).await.unwrap();
-        let mut acknowledged = r.clone();
-        acknowledged.state = State::Acknowledged;
-        let mut resolved = r.clone();
-        resolved.state = State::Resolved;
-        let (a, b) = tokio::join!(store.update(&acknowledged), store.update(&resolved));
+        let acknowledged = Arc::new(|r: &mut ficus::record::Record| r.state = State::Acknowledged);
+        let resolved = Arc::new(|r: &mut ficus::record::Record| r.state = State::Resolved);
+        let (a, b) = tokio::join!(
+            store.modify(&r.id, acknowledged),
+            store.modify(&r.id, resolved)
+        );
         a.unwrap();
         b.unwrap();
         let stored = store.get(&r.id).await.unwrap().unwrap();

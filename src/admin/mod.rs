@@ -418,15 +418,17 @@ async fn patch(
             "send a JSON object with any of state, class, note",
         );
     };
-    let mut record = match load_record(&state, &id).await {
-        Ok(r) => r,
+    let edit = match parse_edit(&changes, &who) {
+        Ok(edit) => edit,
         Err(resp) => return resp,
     };
-    if let Err(resp) = apply_changes(&mut record, &changes, &who) {
-        return resp;
-    }
-    match state.store.update(&record).await {
-        Ok(()) => Json(record).into_response(),
+    match state.store.modify(&id, edit.change()).await {
+        Ok(Some(record)) => Json(record).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no divergence `{id}`"),
+        ),
         Err(e) => store_error(&e),
     }
 }
@@ -513,7 +515,7 @@ impl IntoResponse for Refusal {
 async fn replay_record(
     state: &AdminState,
     who: &Who,
-    mut record: crate::record::Record,
+    record: crate::record::Record,
     allow_writes: bool,
 ) -> Result<Value, Refusal> {
     let Ok(method) = http::Method::from_bytes(record.request.method.as_bytes()) else {
@@ -676,39 +678,52 @@ async fn replay_record(
             .after_sending());
         }
     };
-    // The upstreams took time: save the replay's outcome onto the record as it is now, not
-    // onto the copy read before, so a change made meanwhile is kept.
-    match state.store.get(&record.id).await {
-        Ok(Some(current)) => record = current,
-        Ok(None) => {}
-        Err(e) => return Err(Refusal::store(&e).after_sending()),
-    }
     let mut comparison = comparator.compare(&as_compare(&legacy), &as_compare(&new));
     for d in &mut comparison.diffs {
         comparator.redact_diff(d);
     }
     let matched = comparison.is_match();
-    let mut what = json!({"replay": if matched { "matched" } else { "still diverges" }});
+    let outcome = if matched { "matched" } else { "still diverges" };
+    let mut what = json!({ "replay": outcome });
     if matched {
-        record.state = RecordState::Resolved;
         what["state"] = json!("resolved");
         what["resolution"] = json!("replay matched");
     }
-    record.history.push(Change {
+    let entry = Change {
         who: who.0.clone(),
         at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         what,
+    };
+    // The upstreams took time: the outcome is applied to the record as stored when it is
+    // written, so a state or note set meanwhile is kept.
+    let change: crate::store::RecordChange = Arc::new(move |r: &mut crate::record::Record| {
+        if matched {
+            r.state = RecordState::Resolved;
+        }
+        r.history.push(entry.clone());
     });
-    if let Err(e) = state.store.update(&record).await {
-        // Both sides answered; only the record's new state and history are lost.
-        let mut refusal = Refusal::store(&e).after_sending();
-        refusal.message = format!(
-            "replayed ({}), but the record could not be saved: {}",
-            if matched { "matched" } else { "still diverges" },
-            refusal.message
-        );
-        return Err(refusal);
-    }
+    let record = match state.store.modify(&record.id, change).await {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "replayed ({outcome}), but the record has expired or been deleted meanwhile"
+                ),
+            )
+            .after_sending());
+        }
+        Err(e) => {
+            // Both sides answered; only the record's new state and history are lost.
+            let mut refusal = Refusal::store(&e).after_sending();
+            refusal.message = format!(
+                "replayed ({outcome}), but the record could not be saved: {}",
+                refusal.message
+            );
+            return Err(refusal);
+        }
+    };
     Ok(json!({
         "match": matched,
         "diffs": comparison.diffs,
@@ -847,11 +862,7 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
 
 /// Applies a `{"state", "class", "note"}` patch to a record and notes it in its history.
 #[allow(clippy::result_large_err)]
-fn apply_changes(
-    record: &mut crate::record::Record,
-    changes: &Map<String, Value>,
-    who: &Who,
-) -> Result<(), Response> {
+fn parse_edit(changes: &Map<String, Value>, who: &Who) -> Result<Edit, Response> {
     if changes.is_empty() {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -859,6 +870,16 @@ fn apply_changes(
             "nothing to change",
         ));
     }
+    let mut edit = Edit {
+        state: None,
+        class: None,
+        note: None,
+        entry: Change {
+            who: who.0.clone(),
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            what: Value::Object(changes.clone()),
+        },
+    };
     for (key, value) in changes {
         let text = match value {
             Value::String(s) => Some(s.clone()),
@@ -873,11 +894,11 @@ fn apply_changes(
         };
         match key.as_str() {
             "state" => match parse_state(Some(text.as_deref().unwrap_or_default()))? {
-                Some(s) => record.state = s,
+                Some(s) => edit.state = Some(s),
                 None => return Err(bad_state()),
             },
-            "class" => record.class = text.filter(|c| !c.is_empty()),
-            "note" => record.note = text,
+            "class" => edit.class = Some(text.filter(|c| !c.is_empty())),
+            "note" => edit.note = Some(text),
             other => {
                 return Err(error(
                     StatusCode::BAD_REQUEST,
@@ -887,12 +908,35 @@ fn apply_changes(
             }
         }
     }
-    record.history.push(Change {
-        who: who.0.clone(),
-        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        what: Value::Object(changes.clone()),
-    });
-    Ok(())
+    Ok(edit)
+}
+
+/// A checked change of state, class or note, with its history entry. It is applied by the
+/// store to the record as stored when it writes (see [`Store::modify`]), so that it never
+/// undoes a change made meanwhile by someone else.
+#[derive(Clone)]
+struct Edit {
+    state: Option<RecordState>,
+    class: Option<Option<String>>,
+    note: Option<Option<String>>,
+    entry: Change,
+}
+
+impl Edit {
+    fn change(self) -> crate::store::RecordChange {
+        Arc::new(move |record: &mut crate::record::Record| {
+            if let Some(state) = self.state {
+                record.state = state;
+            }
+            if let Some(class) = &self.class {
+                record.class.clone_from(class);
+            }
+            if let Some(note) = &self.note {
+                record.note.clone_from(note);
+            }
+            record.history.push(self.entry.clone());
+        })
+    }
 }
 
 /// Records read at most to build groups or to change a group (newest first).
@@ -1077,15 +1121,19 @@ async fn patch_group(
             format!("no divergences with fingerprint `{fingerprint}`"),
         );
     }
+    let edit = match parse_edit(&changes, &who) {
+        Ok(edit) => edit,
+        Err(resp) => return resp,
+    };
+    let change = edit.change();
     let mut updated = 0;
-    for mut record in records {
-        if let Err(resp) = apply_changes(&mut record, &changes, &who) {
-            return resp;
+    for record in records {
+        match state.store.modify(&record.id, change.clone()).await {
+            Ok(Some(_)) => updated += 1,
+            // Expired or deleted since the scan.
+            Ok(None) => {}
+            Err(e) => return store_error(&e),
         }
-        if let Err(e) = state.store.update(&record).await {
-            return store_error(&e);
-        }
-        updated += 1;
     }
     Json(json!({ "fingerprint": fingerprint, "updated": updated, "truncated": truncated }))
         .into_response()

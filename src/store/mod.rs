@@ -19,6 +19,10 @@ use crate::record::{Record, State};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A change to one stored record (state, class, note, history), for [`Store::modify`]. It may
+/// be applied more than once, each time to a fresh copy of the stored record.
+pub type RecordChange = Arc<dyn Fn(&mut Record) + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("bad store URL `{url}`: {message}")]
@@ -136,8 +140,15 @@ pub trait Store: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Stores new records; ids already present are left untouched.
     fn put<'a>(&'a self, records: &'a [Record]) -> BoxFuture<'a, Result<(), StoreError>>;
-    /// Replaces an existing record (state, class, note changes), keeping indexes right.
-    fn update<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Applies `change` to the record as stored, keeping indexes right, and returns the record
+    /// written; `None` when there is no such record. The change is applied to the stored
+    /// record at the moment of writing (again, if the record changed meanwhile), so two
+    /// changes made at once, on one replica or on two, never undo each other.
+    fn modify<'a>(
+        &'a self,
+        id: &'a str,
+        change: RecordChange,
+    ) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
     fn list<'a>(&'a self, filter: &'a Filter) -> BoxFuture<'a, Result<Page, StoreError>>;
     /// How many records pass the filter (its cursor and limit are ignored).

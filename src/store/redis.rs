@@ -17,7 +17,10 @@
 use redis::aio::ConnectionLike;
 use redis::{AsyncCommands, Script};
 
-use super::{BoxFuture, CountDelta, Counts, Filter, Override, Page, Retention, Store, StoreError};
+use super::{
+    BoxFuture, CountDelta, Counts, Filter, Override, Page, RecordChange, Retention, Store,
+    StoreError,
+};
 use crate::record::{Record, State};
 
 /// Hour counters outlive records by far: they are the evidence for readiness.
@@ -379,42 +382,50 @@ impl Store for RedisStore {
         })
     }
 
-    fn update<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn modify<'a>(
+        &'a self,
+        id: &'a str,
+        change: RecordChange,
+    ) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
         Box::pin(async move {
-            // Compare and set: the indexes to leave are those of the record as stored when
-            // the script runs, so a concurrent update makes this one read again.
+            // Compare and set: the change is applied to the record as read, and written only
+            // if it is still stored so; otherwise it is read and applied again. The indexes to
+            // leave are those of the record as read.
+            let key = self.rec(id);
             for _ in 0..UPDATE_ATTEMPTS {
-                let key = self.rec(&record.id);
                 let current: Option<String> = with_conn!(self, c => c.get(&key).await?);
                 let Some(current) = current else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let old: Record =
                     serde_json::from_str(&current).map_err(|source| StoreError::Corrupt {
-                        id: record.id.clone(),
+                        id: id.to_string(),
                         source,
                     })?;
+                let mut record = old.clone();
+                change(&mut record);
                 let keys = [
-                    key,
+                    key.clone(),
                     self.state_key(old.state),
                     self.state_key(record.state),
                     self.class_key(old.class.as_deref()),
                     self.class_key(record.class.as_deref()),
                 ];
                 let args = [
-                    serde_json::to_string(record).unwrap_or_default(),
+                    serde_json::to_string(&record).unwrap_or_default(),
                     record.id.clone(),
                     self.no_class_key(),
                     current,
                 ];
                 let done = with_conn!(self, c => Self::run_script(&mut c, &self.update, &keys, &args).await)?;
-                if done >= 0 {
-                    return Ok(());
+                match done {
+                    1 => return Ok(Some(record)),
+                    0 => return Ok(None),
+                    _ => {}
                 }
             }
             Err(StoreError::Task(format!(
-                "record {} kept changing during its update",
-                record.id
+                "record {id} kept changing during its update"
             )))
         })
     }

@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{BoxFuture, CountDelta, Counts, Filter, Override, Page, Retention, Store, StoreError};
+use super::{
+    BoxFuture, CountDelta, Counts, Filter, Override, Page, RecordChange, Retention, Store,
+    StoreError,
+};
 use crate::record::{Record, State};
 
 /// How long a writer's last flush is remembered (see `Store::add_counts`).
@@ -162,19 +165,32 @@ impl Store for SqliteStore {
         })
     }
 
-    fn update<'a>(&'a self, record: &'a Record) -> BoxFuture<'a, Result<(), StoreError>> {
-        let (id, state, class, json) = (
-            record.id.clone(),
-            record.state.as_str(),
-            record.class.clone(),
-            encode(record),
-        );
+    fn modify<'a>(
+        &'a self,
+        id: &'a str,
+        change: RecordChange,
+    ) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
+        let id = id.to_string();
         self.with(move |conn| {
-            conn.execute(
+            // IMMEDIATE takes the write lock before the read: another process on the same file
+            // cannot change the record between the two.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let json: Option<String> = tx
+                .query_row("SELECT json FROM records WHERE id = ?1", [&id], |row| {
+                    row.get(0)
+                })
+                .optional()?;
+            let Some(json) = json else {
+                return Ok(None);
+            };
+            let mut record = decode(&id, &json)?;
+            change(&mut record);
+            tx.execute(
                 "UPDATE records SET state = ?2, class = ?3, json = ?4 WHERE id = ?1",
-                params![id, state, class, json],
+                params![id, record.state.as_str(), record.class, encode(&record)],
             )?;
-            Ok(())
+            tx.commit()?;
+            Ok(Some(record))
         })
     }
 
