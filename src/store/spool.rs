@@ -4,7 +4,7 @@
 //! on the next start. Redelivery is harmless: stores write idempotently by record id.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use tracing::warn;
@@ -86,15 +86,33 @@ impl Spool {
     /// Appends as many records as fit under the size bound, with one fsync; returns how many
     /// were appended (the rest are the caller's to count as dropped).
     pub fn append(&mut self, records: &[Record]) -> io::Result<usize> {
-        let mut buf = Vec::new();
-        let mut appended = 0;
+        let mut lines = Vec::with_capacity(records.len());
         for r in records {
             let mut line = serde_json::to_vec(r).map_err(io::Error::other)?;
             line.push(b'\n');
+            lines.push(line);
+        }
+        let needed: u64 = lines.iter().map(|l| l.len() as u64).sum();
+        // Records delivered while others were appended behind them (a store that comes and
+        // goes) stay in front of the file until it is emptied. When they take a quarter of
+        // the bound or more and the batch would not fit, they are cut away, so the bound
+        // holds what is still to deliver; each cut frees at least a quarter of it, so the
+        // copying stays in proportion to the records delivered.
+        if self.len + needed > self.max_bytes
+            && self.offset >= self.max_bytes / 4
+            && let Err(e) = self.compact()
+        {
+            // Nothing is lost: the spool is as it was, and what fits is still appended.
+            warn!(error = %e, "cannot cut delivered records out of the spool");
+            let _ = std::fs::remove_file(self.path.with_extension("jsonl.tmp"));
+        }
+        let mut buf = Vec::new();
+        let mut appended = 0;
+        for line in &lines {
             if self.len + (buf.len() + line.len()) as u64 > self.max_bytes {
                 break;
             }
-            buf.extend_from_slice(&line);
+            buf.extend_from_slice(line);
             appended += 1;
         }
         if !buf.is_empty() {
@@ -164,6 +182,33 @@ impl Spool {
             return Ok(());
         }
         write_offset(&self.offset_path, self.offset)
+    }
+
+    /// Rewrites the spool without its delivered records.
+    fn compact(&mut self) -> io::Result<()> {
+        let tmp = self.path.with_extension("jsonl.tmp");
+        {
+            let mut from = File::open(&self.path)?;
+            from.seek(SeekFrom::Start(self.offset))?;
+            let mut to = File::create(&tmp)?;
+            io::copy(&mut from.take(self.len - self.offset), &mut to)?;
+            to.sync_all()?;
+        }
+        // The offset goes back to 0 before the new file takes the old one's place: a crash
+        // between the two redelivers the old file's delivered records (harmless: stores write
+        // idempotently) instead of skipping as many bytes of the new one.
+        write_offset(&self.offset_path, 0)?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = OpenOptions::new()
+            .append(true)
+            .read(true)
+            .open(&self.path)?;
+        self.len -= self.offset;
+        self.offset = 0;
+        Ok(())
     }
 
     /// Whether only a torn (never completed) line remains after the offset.

@@ -101,6 +101,44 @@ fn size_bound_refuses_what_does_not_fit() {
     assert_eq!(spool.append(&recs[3..]).unwrap(), 0);
 }
 
+/// A store that comes and goes: some records are delivered while new ones are appended behind
+/// the rest, so the file is never emptied. The bound holds the records still to deliver, not
+/// those delivered long ago, and nothing is lost or reordered across the cut, nor after a
+/// restart.
+#[test]
+fn delivered_records_do_not_count_against_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let recs = records(200);
+    let one = serde_json::to_vec(&recs[0]).unwrap().len() as u64 + 1;
+    let max = one * 8;
+    let mut spool = Spool::open(dir.path(), max).unwrap();
+    let mut delivered = Vec::new();
+    let mut next = 0;
+    // Two pending at all times; three appended and three delivered per round.
+    assert_eq!(spool.append(&recs[..2]).unwrap(), 2);
+    next += 2;
+    while next + 3 <= recs.len() {
+        assert_eq!(
+            spool.append(&recs[next..next + 3]).unwrap(),
+            3,
+            "five pending records fit a bound of eight (round at {next})"
+        );
+        next += 3;
+        let batch = spool.read_batch(3).unwrap();
+        delivered.extend(batch.records);
+        spool.commit(batch.offset).unwrap();
+        let len = std::fs::metadata(dir.path().join("records.jsonl"))
+            .unwrap()
+            .len();
+        assert!(len <= max, "the file ({len} bytes) stays under its bound");
+    }
+    drop(spool);
+    let spool = Spool::open(dir.path(), max).unwrap();
+    assert_eq!(spool.pending_records(), 2);
+    delivered.extend(spool.read_batch(10).unwrap().records);
+    assert_eq!(delivered, recs[..next]);
+}
+
 #[test]
 fn a_torn_last_line_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
