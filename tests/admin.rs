@@ -1763,3 +1763,46 @@ async fn markup_in_records_is_never_served_as_markup() {
         assert!(!code.contains(sink), "app.js uses {sink}");
     }
 }
+
+/// `PATCH /api/groups/{fp}` changes every record of the group, not only its newest 10,000 (the
+/// bound of the groups listing): a group marked expected must leave the rate whole, and
+/// sending the patch again could only ever reach the same newest records.
+#[tokio::test]
+async fn a_group_patch_reaches_every_record_of_a_large_group() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let records = proxy.records().await;
+    let order = records.iter().find(|r| r.route == "orders").unwrap();
+    let fp = order.fingerprint.clone();
+    let start = now_ms() - 2 * 3_600_000;
+    let copies: Vec<ficus::record::Record> = (0..10_050u64)
+        .map(|i| {
+            let mut copy = order.clone();
+            copy.id = id_at(start + i, 1);
+            copy
+        })
+        .collect();
+    proxy.ficus.store().put(&copies).await.unwrap();
+    let total = 10_050 + 3;
+    let patched: Value = client()
+        .patch(proxy.admin_url(&format!("/api/groups/{fp}")))
+        .json(&json!({"state": "expected"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(patched["updated"], total, "{patched}");
+    assert_eq!(patched["truncated"], false, "{patched}");
+    let expected = proxy
+        .ficus
+        .store()
+        .count(&ficus::store::Filter {
+            fingerprint: Some(fp),
+            state: Some(ficus::record::State::Expected),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(expected, total);
+}

@@ -1110,32 +1110,45 @@ async fn patch_group(
             "send a JSON object with any of state, class, note",
         );
     };
-    let (records, truncated) = match scan(&*state.store, filter).await {
-        Ok(r) => r,
-        Err(e) => return store_error(&e),
+    let change = match parse_edit(&changes, &who) {
+        Ok(edit) => edit.change(),
+        Err(resp) => return resp,
     };
-    if records.is_empty() {
+    // Every record of the group, a page at a time: not only the newest 10,000 that the
+    // listing of groups reads, which sending the patch again would only ever reach again.
+    // Pages go by id, so a record the patch moves out of `?state=` is not met twice.
+    let mut filter = Filter {
+        limit: 1000,
+        ..filter
+    };
+    let mut updated: u64 = 0;
+    loop {
+        let page = match state.store.list(&filter).await {
+            Ok(page) => page,
+            Err(e) => return store_error(&e),
+        };
+        for record in page.items {
+            match state.store.modify(&record.id, change.clone()).await {
+                Ok(Some(_)) => updated += 1,
+                // Expired or deleted since it was listed.
+                Ok(None) => {}
+                Err(e) => return store_error(&e),
+            }
+        }
+        match page.next {
+            Some(next) => filter.cursor = Some(next),
+            None => break,
+        }
+    }
+    if updated == 0 {
         return error(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no divergences with fingerprint `{fingerprint}`"),
         );
     }
-    let edit = match parse_edit(&changes, &who) {
-        Ok(edit) => edit,
-        Err(resp) => return resp,
-    };
-    let change = edit.change();
-    let mut updated = 0;
-    for record in records {
-        match state.store.modify(&record.id, change.clone()).await {
-            Ok(Some(_)) => updated += 1,
-            // Expired or deleted since the scan.
-            Ok(None) => {}
-            Err(e) => return store_error(&e),
-        }
-    }
-    Json(json!({ "fingerprint": fingerprint, "updated": updated, "truncated": truncated }))
+    // `truncated` stays in the answer for clients that read it: nothing is left out now.
+    Json(json!({ "fingerprint": fingerprint, "updated": updated, "truncated": false }))
         .into_response()
 }
 
