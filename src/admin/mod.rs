@@ -760,6 +760,12 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
             .max(1);
         let window_first_hour = crate::store::hour_of(now).saturating_sub(window_hours - 1);
         let since = window_first_hour.saturating_mul(3_600_000);
+        // The window ends with the current hour, for records as for counters: a replica whose
+        // clock runs ahead stamps both later, and records marked expected whose divergences
+        // the window does not hold must not be subtracted from those it does.
+        let until = crate::store::hour_of(now)
+            .saturating_add(1)
+            .saturating_mul(3_600_000);
         let store = &state.store;
         let count = |f: Filter| async move { store.count(&f).await };
         let route_filter = |st: Option<RecordState>| Filter {
@@ -778,6 +784,7 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
             }
             let expected = count(Filter {
                 since_ms: Some(since),
+                until_ms: Some(until),
                 ..route_filter(Some(RecordState::Expected))
             })
             .await?;

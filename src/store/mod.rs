@@ -162,7 +162,8 @@ pub trait Store: Send + Sync {
         seq: u64,
         deltas: &'a [CountDelta],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
-    /// A route's totals, and its counts from `since_hour` on.
+    /// A route's totals, and its counts from `since_hour` to the current hour (hours written
+    /// by a clock ahead of this one are left out until it gets there).
     fn counts<'a>(
         &'a self,
         route: &'a str,
@@ -179,8 +180,8 @@ pub trait Store: Send + Sync {
         since_ms: u64,
         limit: usize,
     ) -> BoxFuture<'a, Result<(Vec<u64>, bool), StoreError>>;
-    /// A route's counts per hour from `since_hour` on, oldest first; hours without any
-    /// comparison are left out. Feeds the divergence-rate charts of the workbench.
+    /// A route's counts per hour from `since_hour` to the current hour, oldest first; hours
+    /// without any comparison are left out. Feeds the divergence-rate charts of the workbench.
     fn hourly<'a>(
         &'a self,
         route: &'a str,

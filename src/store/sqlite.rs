@@ -310,12 +310,14 @@ impl Store for SqliteStore {
         since_hour: u64,
     ) -> BoxFuture<'a, Result<(Counts, Counts), StoreError>> {
         let route = route.to_string();
+        // Up to the current hour, as on Redis: hours a clock ahead has written are not yet.
+        let now_hour = super::hour_of(crate::store::writer::now_ms());
         self.with(move |conn| {
-            let sum = |since: u64| -> Result<Counts, StoreError> {
+            let sum = |since: u64, last: u64| -> Result<Counts, StoreError> {
                 Ok(conn.query_row(
                     "SELECT COALESCE(SUM(comparisons), 0), COALESCE(SUM(divergences), 0)
-                     FROM counts WHERE route = ?1 AND hour >= ?2",
-                    params![route, int(since)],
+                     FROM counts WHERE route = ?1 AND hour >= ?2 AND hour <= ?3",
+                    params![route, int(since), int(last)],
                     |row| {
                         Ok(Counts {
                             comparisons: row.get::<_, i64>(0)?.max(0) as u64,
@@ -324,7 +326,7 @@ impl Store for SqliteStore {
                     },
                 )?)
             };
-            Ok((sum(0)?, sum(since_hour)?))
+            Ok((sum(0, u64::MAX)?, sum(since_hour, now_hour)?))
         })
     }
 
@@ -359,12 +361,14 @@ impl Store for SqliteStore {
         since_hour: u64,
     ) -> BoxFuture<'a, Result<Vec<(u64, Counts)>, StoreError>> {
         let route = route.to_string();
+        let now_hour = super::hour_of(crate::store::writer::now_ms());
         self.with(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT hour, comparisons, divergences FROM counts
-                 WHERE route = ?1 AND hour >= ?2 AND comparisons > 0 ORDER BY hour",
+                 WHERE route = ?1 AND hour >= ?2 AND hour <= ?3 AND comparisons > 0
+                 ORDER BY hour",
             )?;
-            let rows = stmt.query_map(params![route, int(since_hour)], |row| {
+            let rows = stmt.query_map(params![route, int(since_hour), int(now_hour)], |row| {
                 Ok((
                     row.get::<_, i64>(0)?.max(0) as u64,
                     Counts {
