@@ -306,15 +306,32 @@ pub async fn divergences(admin: &AdminArgs, cmd: DivergencesCommand) -> Result<(
             limit,
             json,
         } => {
-            let path = format!(
-                "/api/divergences{}",
-                query(&[
-                    ("route", route),
-                    ("state", state),
-                    ("limit", Some(limit.to_string()))
-                ])
-            );
-            let page = call_ok(admin, Method::GET, &path, None).await?;
+            // A page may hold fewer records than asked, even none, with a cursor to go on: on
+            // Redis a page reads a bounded number of index entries and checks the filter's
+            // other conditions record by record. Follow it, or a selective filter would print
+            // an empty table while matching records lie further on.
+            let mut items: Vec<Value> = Vec::new();
+            let mut cursor: Option<String> = None;
+            let next = loop {
+                let path = format!(
+                    "/api/divergences{}",
+                    query(&[
+                        ("route", route.clone()),
+                        ("state", state.clone()),
+                        ("limit", Some(limit.saturating_sub(items.len()).to_string())),
+                        ("cursor", cursor.take()),
+                    ])
+                );
+                let page = call_ok(admin, Method::GET, &path, None).await?;
+                if let Some(got) = page["items"].as_array() {
+                    items.extend(got.iter().cloned());
+                }
+                match page["next"].as_str() {
+                    Some(next) if items.len() < limit => cursor = Some(next.to_string()),
+                    next => break next.map(str::to_string),
+                }
+            };
+            let page = json!({"items": items, "next": next});
             if json {
                 print_json(&page);
                 return Ok(());

@@ -1907,3 +1907,62 @@ fn expected_record(route: &str) -> ficus::record::Record {
     r.state = ficus::record::State::Expected;
     r
 }
+
+/// On Redis a page of the listing reads a bounded number of index entries, so a selective
+/// filter can answer a short or empty page with a cursor to go on. `ficus divergences list`
+/// follows that cursor: three open records behind 2,100 newer acknowledged ones of the same
+/// route are listed, not an empty table that reads as "nothing open".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_what_a_selective_filter_finds_past_a_short_redis_page() {
+    let redis = support::RedisServer::start().await;
+    let legacy = diverging("legacy", 1).await;
+    let new = diverging("new", 2).await;
+    let url = redis.url();
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| c.store = url).await;
+    let c = client();
+    for i in 0..3 {
+        c.get(proxy.url(&format!("/api/orders/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    let open = proxy.wait_records(3).await;
+    assert_eq!(open.len(), 3);
+    let newer: Vec<ficus::record::Record> = (0..2_100u64)
+        .map(|i| {
+            let mut r = open[0].clone();
+            r.id = id_at(now_ms() + 60_000 + i, 1);
+            r.state = ficus::record::State::Acknowledged;
+            r
+        })
+        .collect();
+    proxy.ficus.store().put(&newer).await.unwrap();
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
+            .args([
+                "divergences",
+                "list",
+                "--route",
+                "orders",
+                "--state",
+                "open",
+                "--admin",
+                &admin,
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    for r in &open {
+        assert!(out.contains(&r.id), "{} missing from:\n{out}", r.id);
+    }
+    assert_eq!(out.lines().count(), 4, "a header and three rows:\n{out}");
+}
