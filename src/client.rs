@@ -530,6 +530,12 @@ pub async fn groups(admin: &AdminArgs, cmd: GroupsCommand) -> Result<()> {
             &rows
         )
     );
+    // On stderr, so that the table stays the same for scripts that read it.
+    if g["truncated"] == true {
+        eprintln!(
+            "note: only the newest 10,000 matching records were grouped (or the store's pages ran out first): counts are partial and older groups may be missing; narrow with --route or --state"
+        );
+    }
     Ok(())
 }
 

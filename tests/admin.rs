@@ -1966,3 +1966,42 @@ async fn the_cli_lists_what_a_selective_filter_finds_past_a_short_redis_page() {
     }
     assert_eq!(out.lines().count(), 4, "a header and three rows:\n{out}");
 }
+
+/// The groups listing reads at most the newest 10,000 matching records. `ficus groups list`
+/// says so when that cut a group short, as the workbench does, instead of printing a partial
+/// count as if it were the group's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_says_when_group_counts_are_partial() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let records = proxy.records().await;
+    let order = records.iter().find(|r| r.route == "orders").unwrap();
+    let start = now_ms() - 2 * 3_600_000;
+    let copies: Vec<ficus::record::Record> = (0..10_050u64)
+        .map(|i| {
+            let mut copy = order.clone();
+            copy.id = id_at(start + i, 2);
+            copy
+        })
+        .collect();
+    proxy.ficus.store().put(&copies).await.unwrap();
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
+            .args(["groups", "list", "--route", "orders", "--admin", &admin])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("10000"), "{out}");
+    assert!(
+        err.contains("newest 10,000") && err.contains("partial"),
+        "no word that the count is partial:\n{out}\n{err}"
+    );
+}
