@@ -625,6 +625,53 @@ async fn sqlite_time_bounded_counts_are_exact() {
     time_bounded_counts_past_a_page(store::open(&url, "ficus:").await.unwrap()).await;
 }
 
+/// Retention on one replica while another changes a record's state: the record the sweep
+/// deletes must leave the state index it is in when it goes, not the one it was in when the
+/// sweep read it. An id left behind in `idx:state:acknowledged` is counted forever (by_state,
+/// open defects) for a record nobody can open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_retention_racing_a_state_change_leaves_no_index_entry_behind() {
+    let redis = RedisServer::start().await;
+    let sweeper = store::open(&redis.url(), "ficus:").await.unwrap();
+    let other = store::open(&redis.url(), "ficus:").await.unwrap();
+    let old = store::writer::now_ms() - 10 * 24 * 3_600_000;
+    let records: Vec<Record> = (0..1000)
+        .map(|i| record("race", ms(old + i), "/total"))
+        .collect();
+    sweeper.put(&records).await.unwrap();
+    let route = || Filter {
+        route: Some("race".into()),
+        ..Default::default()
+    };
+    let sweep = tokio::spawn({
+        let sweeper = sweeper.clone();
+        async move {
+            let retention = Retention {
+                records_ms: 7 * 24 * 3_600_000,
+                per_route_cap: 100_000,
+            };
+            sweeper
+                .expire(retention, store::writer::now_ms())
+                .await
+                .unwrap()
+        }
+    });
+    // Once the sweep deletes, the last record of its first batch of 500 is read but not yet
+    // deleted: the other replica acknowledges it then.
+    while other.count(&route()).await.unwrap() == 1000 {
+        tokio::task::yield_now().await;
+    }
+    let acknowledge = Arc::new(|r: &mut Record| r.state = State::Acknowledged);
+    other.modify(&records[499].id, acknowledge).await.unwrap();
+    assert_eq!(sweep.await.unwrap(), 1000);
+    let acknowledged = Filter {
+        state: Some(State::Acknowledged),
+        ..Default::default()
+    };
+    assert_eq!(other.count(&acknowledged).await.unwrap(), 0);
+    assert_eq!(other.count(&route()).await.unwrap(), 0);
+}
+
 #[tokio::test]
 async fn redis_time_bounded_counts_are_exact_and_read_no_record() {
     let redis = RedisServer::start().await;

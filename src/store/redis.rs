@@ -78,7 +78,13 @@ return 1";
 /// Attempts of one update against concurrent ones.
 const UPDATE_ATTEMPTS: usize = 8;
 
+/// Compare and delete, as UPDATE compares and sets: ARGV[2] is the record as the caller read
+/// it, whose indexes are KEYS[2..]. If another replica changed it meanwhile (a state or class
+/// moved its id to other indexes), nothing is done (-1) and the caller reads it again, so no
+/// index keeps the id of a deleted record.
 const DELETE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[2] then return -1 end
 redis.call('DEL', KEYS[1])
 for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1";
@@ -291,6 +297,16 @@ impl RedisStore {
     }
 
     async fn fetch(&self, ids: &[String]) -> Result<Vec<Record>, StoreError> {
+        Ok(self
+            .fetch_raw(ids)
+            .await?
+            .into_iter()
+            .map(|(record, _)| record)
+            .collect())
+    }
+
+    /// The records of `ids` that exist, each with its JSON as stored.
+    async fn fetch_raw(&self, ids: &[String]) -> Result<Vec<(Record, String)>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -305,33 +321,52 @@ impl RedisStore {
         let mut out = Vec::new();
         for (id, v) in ids.iter().zip(values) {
             if let Some(json) = v {
-                out.push(
-                    serde_json::from_str(&json).map_err(|source| StoreError::Corrupt {
-                        id: id.clone(),
-                        source,
-                    })?,
-                );
+                let record = serde_json::from_str(&json).map_err(|source| StoreError::Corrupt {
+                    id: id.clone(),
+                    source,
+                })?;
+                out.push((record, json));
             }
         }
         Ok(out)
     }
 
-    async fn delete_record(&self, r: &Record) -> Result<(), StoreError> {
-        let keys = self.keys_of(r);
-        let args = [r.id.clone()];
-        with_conn!(self, c => Self::run_script(&mut c, &self.delete, &keys, &args).await)?;
-        Ok(())
+    /// Deletes a record with its index entries: those of the record as stored when the
+    /// script runs (read again if another replica changed it since `json` was read).
+    async fn delete_record(&self, mut record: Record, mut json: String) -> Result<(), StoreError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let keys = self.keys_of(&record);
+            let args = [record.id.clone(), json];
+            let done =
+                with_conn!(self, c => Self::run_script(&mut c, &self.delete, &keys, &args).await)?;
+            if done >= 0 {
+                return Ok(());
+            }
+            match self
+                .fetch_raw(std::slice::from_ref(&record.id))
+                .await?
+                .pop()
+            {
+                Some((fresh, fresh_json)) => (record, json) = (fresh, fresh_json),
+                None => return Ok(()),
+            }
+        }
+        Err(StoreError::Task(format!(
+            "record {} kept changing during its deletion",
+            record.id
+        )))
     }
 
     async fn delete_ids(&self, ids: &[String]) -> Result<u64, StoreError> {
-        let records = self.fetch(ids).await?;
-        for r in &records {
-            self.delete_record(r).await?;
+        let records = self.fetch_raw(ids).await?;
+        let n = records.len() as u64;
+        for (record, json) in records {
+            self.delete_record(record, json).await?;
         }
         // Index entries without a record (should not exist) are removed too.
         let all = self.key(&["idx", "all"]);
         let _: i64 = with_conn!(self, c => c.zrem(&all, ids).await?);
-        Ok(records.len() as u64)
+        Ok(n)
     }
 }
 
