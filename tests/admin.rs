@@ -2005,3 +2005,42 @@ async fn the_cli_says_when_group_counts_are_partial() {
         "no word that the count is partial:\n{out}\n{err}"
     );
 }
+
+/// A class set through the API is trimmed, as the classify rules' classes are: `defect ` typed
+/// with a trailing space (or pasted) is the class `defect`, and blocks the verdict.
+#[tokio::test]
+async fn a_class_set_with_stray_spaces_is_the_class_itself() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let records = proxy.records().await;
+    let order = records.iter().find(|r| r.route == "orders").unwrap();
+    let patched: Value = client()
+        .patch(proxy.admin_url(&format!("/api/divergences/{}", order.id)))
+        .json(&json!({"class": " defect "}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(patched["class"], "defect", "{patched}");
+    let report = proxy.report().await;
+    let orders = report["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "orders")
+        .cloned()
+        .unwrap();
+    assert_eq!(orders["divergences"]["open_defects"], 1, "{orders}");
+    // Only spaces clear the class, as an empty string does.
+    let cleared: Value = client()
+        .patch(proxy.admin_url(&format!("/api/divergences/{}", order.id)))
+        .json(&json!({"class": "  "}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cleared["class"], Value::Null, "{cleared}");
+}

@@ -904,7 +904,10 @@ fn parse_edit(changes: &Map<String, Value>, who: &Who) -> Result<Edit, Response>
                 Some(s) => edit.state = Some(s),
                 None => return Err(bad_state()),
             },
-            "class" => edit.class = Some(text.filter(|c| !c.is_empty())),
+            // Trimmed, as the classify rules' classes are: `defect ` must still block.
+            "class" => {
+                edit.class = Some(text.map(|c| c.trim().to_string()).filter(|c| !c.is_empty()));
+            }
             "note" => edit.note = Some(text),
             other => {
                 return Err(error(
