@@ -31,7 +31,8 @@ pub struct Evidence {
     pub divergences: u64,
     /// Records in the window that people marked `expected`: intended differences.
     pub expected: u64,
-    /// Open records classified `defect` (any age): each one blocks.
+    /// Records classified `defect` that are open or acknowledged (kept by retention): each
+    /// one blocks.
     pub open_defects: u64,
 }
 
@@ -66,7 +67,7 @@ pub fn verdict(e: &Evidence, gate: &Gate) -> Verdict {
     if e.open_defects > 0 {
         verdict = "not-ready";
         reasons.push(format!(
-            "{} open divergence(s) classified as defect",
+            "{} unresolved divergence(s) classified as defect",
             e.open_defects
         ));
     }
@@ -81,7 +82,7 @@ pub fn verdict(e: &Evidence, gate: &Gate) -> Verdict {
     }
     if verdict == "ready" {
         reasons.push(format!(
-            "{} comparisons, divergence rate 95% upper bound {:.4}% within {:.4}%, no open defect",
+            "{} comparisons, divergence rate 95% upper bound {:.4}% within {:.4}%, no unresolved defect",
             e.comparisons,
             upper * 100.0,
             gate.max_divergence_rate * 100.0

@@ -402,6 +402,22 @@ path_prefix = "/sparse/"
         reasons.contains("defect") && reasons.contains("above the gate"),
         "{reasons}"
     );
+    // Acknowledging a defect does not clear it: it blocks until resolved or reclassified.
+    c.patch(proxy.admin_url(&format!("/api/divergences/{}", defect.id)))
+        .json(&json!({"state": "acknowledged"}))
+        .send()
+        .await
+        .unwrap();
+    let acknowledged: Value = proxy.report().await;
+    let diverging = acknowledged["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "diverging")
+        .cloned()
+        .unwrap();
+    assert_eq!(diverging["divergences"]["open_defects"], 1, "{diverging}");
+    assert!(diverging["reasons"].to_string().contains("defect"));
 
     let sparse = route("sparse");
     assert_eq!(sparse["verdict"], "insufficient-data");

@@ -788,11 +788,16 @@ async fn report(State(state): State<Arc<AdminState>>) -> Response {
                 ..route_filter(Some(RecordState::Expected))
             })
             .await?;
-            let open_defects = count(Filter {
-                class: Some("defect".into()),
-                ..route_filter(Some(RecordState::Open))
-            })
-            .await?;
+            // A defect blocks until it is resolved (or classified otherwise): acknowledging
+            // one says someone is on it, not that the new side may take authority with it.
+            let mut open_defects = 0;
+            for st in [RecordState::Open, RecordState::Acknowledged] {
+                open_defects += count(Filter {
+                    class: Some("defect".into()),
+                    ..route_filter(Some(st))
+                })
+                .await?;
+            }
             let first_hour = crate::store::hour_of(now).saturating_sub(HISTORY_HOURS - 1);
             let hourly = store.hourly(&name, first_hour).await?;
             // The chart subtracts expected records hour by hour, as the rate does over the
