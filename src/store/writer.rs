@@ -472,6 +472,13 @@ impl Task {
                     seq: self.seq,
                     deltas,
                 });
+                // The file may still list these counts as never sent (an outage's). It must
+                // say they go in this flush before the flush is sent: a crash after the store
+                // took it would otherwise add them again on the next start, while the flush
+                // itself, sent again, is taken once.
+                if self.counts_persisted {
+                    self.persist_counts();
+                }
             }
             let Some(flush) = &self.retry else { break };
             let deltas = flush.deltas();
