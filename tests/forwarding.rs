@@ -571,7 +571,8 @@ async fn connect_method_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let legacy = Backend::start("legacy").await;
     let new = Backend::start("new").await;
-    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+    let rules = "[[route]]\nname = \"connect\"\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
     let mut s = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
         .await
         .unwrap();
@@ -583,6 +584,16 @@ async fn connect_method_is_refused() {
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
     assert_eq!(legacy.count(), 0);
+    // A refusal before any upstream, as docs/metrics.md lists it: not an upstream error.
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains(r#"ficus_requests_rejected_total{reason="method_not_allowed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"ficus_upstream_errors_total{route="connect""#),
+        "{metrics}"
+    );
 }
 
 /// An absolute-form request line wins over `Host` (RFC 9112 3.2.2), for routing and forwarding.

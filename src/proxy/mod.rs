@@ -183,6 +183,10 @@ impl Proxy {
         if let Err(e) = canonicalize(&mut req) {
             return reject(e, &req, &request_id);
         }
+        // A tunnel to anywhere is not ficus's to open: refused before any route or upstream.
+        if req.method() == Method::CONNECT {
+            return reject(ProxyError::MethodNotAllowed("CONNECT"), &req, &request_id);
+        }
         let trace_id = headers::ensure_traceparent(req.headers_mut());
         let upgrade = headers::is_upgrade_request(&req);
         let client_ip = self.limits.client_ip(&conn, req.headers());
@@ -408,9 +412,6 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed("CONNECT"));
-    }
     let upgrade = headers::is_upgrade_request(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // An upgraded connection outlives the HTTP connection: it keeps its connection slot.

@@ -55,7 +55,8 @@ pub const STORE_DROPPED_TOTAL: &str = "ficus_store_dropped_total";
 pub const RULES_LOADED_TIMESTAMP_SECONDS: &str = "ficus_rules_loaded_timestamp_seconds";
 
 /// `ficus_requests_rejected_total{reason}`: requests refused before any routing (a path without
-/// a canonical form, a target too long, a body over its limit, too many connections).
+/// a canonical form, a target too long, a body over its limit, a `CONNECT`, too many
+/// connections).
 pub const REQUESTS_REJECTED_TOTAL: &str = "ficus_requests_rejected_total";
 
 /// Log line format.
