@@ -221,7 +221,8 @@ struct LimitArgs {
     /// Largest request head (HTTP/1.1) or header list (HTTP/2); more gets 431.
     #[arg(long, env = "FICUS_MAX_HEADER_BYTES", value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
     max_header_bytes: usize,
-    /// Most header fields in a request; more gets 431.
+    /// Most header fields in an HTTP/1.1 request; more gets 431 (HTTP/2 header lists are
+    /// bounded by --max-header-bytes).
     #[arg(
         long,
         env = "FICUS_MAX_HEADERS",
