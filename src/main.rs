@@ -185,7 +185,7 @@ struct StoreArgs {
     /// Largest spool; beyond it records are dropped (and counted).
     #[arg(long, env = "FICUS_SPOOL_MAX", value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     spool_max: usize,
-    /// How long divergence records are kept (counters are kept 400 days).
+    /// How long divergence records are kept (counters are kept at least 400 days).
     #[arg(long, env = "FICUS_RETENTION", value_name = "DURATION", default_value = "7d", value_parser = humantime::parse_duration)]
     retention: Duration,
     /// Most records kept per route; the oldest go first.
