@@ -29,13 +29,18 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --user-group --uid 10001 --no-create-home --shell /usr/sbin/nologin ficus
+ && useradd --system --user-group --uid 10001 --no-create-home --shell /usr/sbin/nologin ficus \
+ && install -d -o ficus -g ficus /var/lib/ficus
 COPY --from=builder /usr/local/bin/ficus /usr/local/bin/ficus
 COPY routing-rules/ /etc/ficus/routing-rules/
 ENV FICUS_RULES=/etc/ficus/routing-rules \
     FICUS_LISTEN=0.0.0.0:8080 \
     FICUS_ADMIN_LISTEN=0.0.0.0:9901
 EXPOSE 8080 9901
+# The default store (sqlite:ficus.db) and spool (ficus-spool/) are relative to the working
+# directory, which must be the ficus user's to write: `/` is not, and ficus would not start.
+# Mount a volume on /var/lib/ficus to keep records and the spool across containers.
+WORKDIR /var/lib/ficus
 USER ficus
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD curl -fsS http://127.0.0.1:9901/healthz || exit 1
