@@ -675,7 +675,14 @@ impl Builder<'_> {
                         .compile()
                         .is_ok());
                 if valid {
-                    paths.push(text.as_str().into());
+                    // Differences name headers in lower case; names in rules are
+                    // case-insensitive.
+                    match text.strip_prefix("header:") {
+                        Some(name) => {
+                            paths.push(format!("header:{}", name.to_ascii_lowercase()).into());
+                        }
+                        None => paths.push(text.as_str().into()),
+                    }
                 } else {
                     self.error(
                         map,

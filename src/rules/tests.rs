@@ -415,6 +415,18 @@ fn special_and_oversized_rules_files_are_refused_not_read() {
     );
 }
 
+/// Header names are case-insensitive in the rules, and differences name them in lower case:
+/// `header:Date` in a classify rule matches a `date` difference.
+#[test]
+fn classify_header_names_are_case_insensitive() {
+    let loaded = load_one(
+        "[[route]]\nname = \"a\"\n[[route.classify]]\nclass = \"benign\"\npaths = [\"header:Date\", \"/meta/**\"]\n",
+    )
+    .expect("valid");
+    let rule = &loaded.rules.routes[0].classify[0];
+    assert!(rule.covers(&["header:date".to_string(), "/meta/at".to_string()]));
+}
+
 #[test]
 fn max_request_body_is_parsed_per_route() {
     let loaded = load_one(
