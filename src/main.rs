@@ -691,7 +691,7 @@ fn demo(args: DemoArgs) -> Result<()> {
              \x20 curl -i http://{p}/api/customers/7                   # customers: new is the authority\n\
              \x20 curl -i -H 'x-customer-id: 42' http://{p}/api/catalog/lamp   # canary: customer 42 is in the 25% that get new\n\
              \x20 curl -i -H 'x-customer-id: 7' http://{p}/api/catalog/lamp    # customer 7 stays on legacy, every time\n\
-             \x20 curl -i http://{p}/api/orders/43                     # mirrored to new too; odd ids diverge (see the log)\n\
+             \x20 curl -i http://{p}/api/orders/43                     # mirrored to new too: diverges on /tracking, odd ids on /total too (see the log)\n\
              \x20 curl -i http://{p}/anything/else                     # no rule matches: default route to legacy\n\
              \x20 ficus rules explain {rules} GET http://{p}/api/catalog/lamp -H 'x-customer-id: 42'\n\n\
              Ctrl-C stops.",
