@@ -684,3 +684,93 @@ fn h2_client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Sends `raw` on a fresh connection and reads until the proxy closes it (or 10 s pass).
+async fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("the proxy answers and closes in time")
+        .unwrap();
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+/// A body of `data` followed by the trailer `x-checksum: <checksum>`.
+fn body_with_trailer(data: &'static str, checksum: &'static str) -> support::RespBody {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", http::HeaderValue::from_static(checksum));
+    let frames = vec![
+        Ok::<_, support::BoxError>(Frame::data(Bytes::from_static(data.as_bytes()))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames)))
+}
+
+/// Trailers are end-to-end (RFC 9110 6.5): checksums, signatures and gRPC's `grpc-status`
+/// travel in them. `Trailer` is no hop-by-hop field, and HTTP/1.1 stacks (hyper among them)
+/// only write the trailer fields it declares; and an upstream sends trailers only to a
+/// client that said `TE: trailers`. Dropping either loses every trailer on the way.
+#[tokio::test]
+async fn trailers_pass_through_in_both_directions() {
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        let collected = req.into_body().collect().await.unwrap();
+        let got = collected
+            .trailers()
+            .and_then(|t| t.get("x-checksum"))
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_else(|| "none".into());
+        Response::builder()
+            .header("trailer", "x-checksum")
+            .header("x-request-trailer", got)
+            .body(body_with_trailer("hello", "abc"))
+            .unwrap()
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+
+    // HTTP/1.1 client, chunked both ways.
+    let text = raw_exchange(
+        proxy.ficus.proxy_addr(),
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nTrailer: x-checksum\r\n\
+          Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-checksum: def\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("x-request-trailer: def\r\n"),
+        "the request trailer reaches the upstream: {text}"
+    );
+    assert!(
+        text.ends_with("0\r\nx-checksum: abc\r\n\r\n"),
+        "the response trailer reaches the client: {text}"
+    );
+
+    // HTTP/2 client asking for trailers, as gRPC clients do.
+    let tcp = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("http://a/rpc")
+        .header("te", "trailers")
+        .body(full("ping"))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        collected.trailers().map(|t| t["x-checksum"].clone()),
+        Some(http::HeaderValue::from_static("abc"))
+    );
+    assert_eq!(collected.to_bytes(), "hello");
+}

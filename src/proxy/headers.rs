@@ -49,16 +49,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The hop-by-hop headers every hop removes, whatever `Connection` lists.
+/// The hop-by-hop headers every hop removes, whatever `Connection` lists. `Trailer` is not
+/// one (RFC 9110 6.6.2): it names the trailer fields, which are end-to-end, and HTTP/1.1
+/// encoders (hyper's) write only the trailer fields it declares.
 fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::PROXY_AUTHENTICATE
         || name == header::PROXY_AUTHORIZATION
         || name == header::TE
-        || name == header::TRAILER
         || name == header::TRANSFER_ENCODING
         || name == KEEP_ALIVE
         || name == PROXY_CONNECTION
+}
+
+/// Whether the client accepts trailer fields (`TE: trailers`, RFC 9110 10.1.4).
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let coding = t.split(';').next().unwrap_or_default();
+            coding.trim().eq_ignore_ascii_case("trailers")
+        })
+}
+
+/// Tells the upstream that this hop accepts trailers, on behalf of a client that does: `TE`
+/// is hop-by-hop, yet without it an upstream may leave its trailers out (hyper does).
+/// `TE` is a connection option, so `Connection` names it (RFC 9110 10.1.4).
+pub fn offer_trailers(headers: &mut HeaderMap) {
+    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    headers.append(header::CONNECTION, HeaderValue::from_static("te"));
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like).

@@ -382,7 +382,11 @@ pub(crate) fn upstream_request<B>(
     *req.uri_mut() = upstream_uri(upstream, req.uri())?;
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
+    let trailers = headers::accepts_trailers(h);
     headers::strip_hop_by_hop(h, upgrade);
+    if trailers {
+        headers::offer_trailers(h);
+    }
     if client_version == Version::HTTP_2 {
         headers::join_cookies(h);
     }
