@@ -774,3 +774,41 @@ async fn trailers_pass_through_in_both_directions() {
     );
     assert_eq!(collected.to_bytes(), "hello");
 }
+
+/// A GET may carry a body (search APIs take their query in one). hyper's client sends a GET
+/// or HEAD body of unannounced length only when the request says `Transfer-Encoding:
+/// chunked`; ficus strips that header as hop-by-hop, so a chunked GET body (or an HTTP/2
+/// GET body without `content-length`) reached the upstream as no body at all.
+#[tokio::test]
+async fn a_get_body_of_unannounced_length_reaches_the_upstream() {
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(body))
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy.url(), new.url()).await;
+
+    let text = raw_exchange(
+        proxy.ficus.proxy_addr(),
+        b"GET /_search HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\r\n7\r\n{\"q\":1}\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("\r\n\r\n{\"q\":1}"), "{text}");
+
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, support::BoxError>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"{\"q\":2}"))))
+        .await
+        .unwrap();
+    drop(tx);
+    let resp = h2_client()
+        .get(proxy.url("/_search"))
+        .body(reqwest::Body::wrap(StreamBody::new(tokio_stream_from(rx))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.text().await.unwrap(), "{\"q\":2}");
+}

@@ -422,7 +422,20 @@ where
     let slot = req
         .extensions_mut()
         .remove::<crate::server::ConnectionSlot>();
-    let req = upstream_request(req, upstream, conn, upgrade)?;
+    let mut req = upstream_request(req, upstream, conn, upgrade)?;
+    // A body of unannounced length (chunked, or HTTP/2 without `content-length`) goes on
+    // chunked. hyper adds that on its own except for GET and HEAD, whose body it would drop
+    // unless the request says so.
+    let body = req.body();
+    if !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     // The timeout runs from the last request byte sent: a long upload is not cut short, and
     // an upstream that stops reading the body still times out.
     let clock = ProgressClock::start();
