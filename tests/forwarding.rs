@@ -812,3 +812,87 @@ async fn a_get_body_of_unannounced_length_reaches_the_upstream() {
     assert_eq!(resp.version(), http::Version::HTTP_2);
     assert_eq!(resp.text().await.unwrap(), "{\"q\":2}");
 }
+
+/// An upstream on raw TCP: reads each request head, writes `answer`, and closes.
+async fn raw_upstream(answer: &'static [u8]) -> http::Uri {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    format!("http://{addr}").parse().unwrap()
+}
+
+/// Reads one response with a `content-length` body from `s`.
+async fn read_sized_response(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= len {
+                    return text;
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return String::from_utf8_lossy(&buf).to_string(),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a response in time")
+}
+
+/// ficus speaks HTTP/1.1 to its clients whatever its upstream speaks (RFC 9110 6.2: a server
+/// sends the highest version it conforms to). Copying an HTTP/1.0 upstream's version onto
+/// the answer made every answer from an old legacy server close the client's connection,
+/// and an answer without `content-length` close-delimited, so that a cut one looked whole.
+#[tokio::test]
+async fn an_http10_upstream_is_answered_as_http11_on_a_kept_alive_connection() {
+    use tokio::io::AsyncWriteExt;
+    let legacy = raw_upstream(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /old HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_sized_response(&mut s).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nhello"), "{text}");
+        assert!(text.contains("via: 1.0 ficus\r\n"), "{text}");
+    }
+    // An HTTP/1.0 client is still answered in HTTP/1.0.
+    let text = raw_exchange(
+        proxy.ficus.proxy_addr(),
+        b"GET /old HTTP/1.0\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nhello"), "{text}");
+}

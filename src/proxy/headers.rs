@@ -328,6 +328,11 @@ pub fn prepare_response<B>(resp: &mut Response<B>, request_id: &HeaderValue, upg
     headers
         .entry(&X_REQUEST_ID)
         .or_insert_with(|| request_id.clone());
+    // `Via` records what the upstream spoke; the client is answered in ficus's own version
+    // (RFC 9110 6.2). hyper writes the status line in the response's version, and would
+    // otherwise turn an HTTP/1.0 upstream's answer into an HTTP/1.0 one that closes the
+    // client's connection. It lowers the version itself for an HTTP/1.0 client.
+    *resp.version_mut() = Version::HTTP_11;
 }
 
 #[cfg(test)]
