@@ -896,3 +896,43 @@ async fn an_http10_upstream_is_answered_as_http11_on_a_kept_alive_connection() {
     assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
     assert!(text.ends_with("\r\n\r\nhello"), "{text}");
 }
+
+/// An upstream may repeat `Content-Length` (two fields, or `2, 2`), which RFC 9110 8.6 lets a
+/// recipient repair into one value. Passed on as is, it killed the answer to a HEAD request
+/// (hyper refuses to write a second length and drops the connection, the client gets no
+/// answer at all), and HTTP/2 clients such as Go's and nghttp2's reject the stream.
+#[tokio::test]
+async fn a_repeated_content_length_reaches_the_client_as_one() {
+    use tokio::io::AsyncWriteExt;
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok"[..],
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"[..],
+    ] {
+        let legacy = raw_upstream(answer).await;
+        let new = Backend::start("new").await;
+        let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+        let mut s = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+            .await
+            .unwrap();
+        s.write_all(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        // A HEAD answer's content-length announces no body: read the head only.
+        let mut text = String::new();
+        while !text.ends_with("\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            use tokio::io::AsyncReadExt;
+            match tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await {
+                Ok(Ok(1)) => text.push(char::from(byte[0])),
+                _ => break,
+            }
+        }
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+        assert_eq!(text.matches("content-length: 2\r\n").count(), 1, "{text}");
+
+        let resp = h2_client().get(proxy.url("/x")).send().await.unwrap();
+        let lengths: Vec<_> = resp.headers().get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["2"]);
+        assert_eq!(resp.text().await.unwrap(), "ok");
+    }
+}

@@ -324,6 +324,7 @@ pub fn prepare_response<B>(resp: &mut Response<B>, request_id: &HeaderValue, upg
     let version = resp.version();
     let headers = resp.headers_mut();
     strip_hop_by_hop(headers, upgraded);
+    single_content_length(headers);
     append_via(headers, version);
     headers
         .entry(&X_REQUEST_ID)
@@ -333,6 +334,28 @@ pub fn prepare_response<B>(resp: &mut Response<B>, request_id: &HeaderValue, upg
     // otherwise turn an HTTP/1.0 upstream's answer into an HTTP/1.0 one that closes the
     // client's connection. It lowers the version itself for an HTTP/1.0 client.
     *resp.version_mut() = Version::HTTP_11;
+}
+
+/// Repairs a repeated `Content-Length` (`2, 2`, or two fields) into one field, as RFC 9110
+/// 8.6 allows. hyper's client has already refused an answer whose lengths differ, so the
+/// first is the length; passed on repeated, hyper's server drops a HEAD answer's connection
+/// and HTTP/2 clients reject the stream.
+fn single_content_length(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return;
+    };
+    if values.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    let length = first
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(length) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
 }
 
 #[cfg(test)]
