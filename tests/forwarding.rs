@@ -936,3 +936,25 @@ async fn a_repeated_content_length_reaches_the_client_as_one() {
         assert_eq!(resp.text().await.unwrap(), "ok");
     }
 }
+
+/// A transfer coding other than chunked (`Transfer-Encoding: gzip, chunked`) is undone by no
+/// one on the way: hyper's client removes the chunking only, and `Transfer-Encoding` is
+/// hop-by-hop, so the client got the still-compressed bytes as if they were the answer.
+/// ficus cannot pass such an answer on faithfully (HTTP/2 has no transfer codings); like
+/// nginx, it refuses it as an invalid upstream answer.
+#[tokio::test]
+async fn an_answer_in_an_unknown_transfer_coding_is_a_502_not_a_corrupt_body() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nhello"[..],
+    ] {
+        let legacy = raw_upstream(answer).await;
+        let new = Backend::start("new").await;
+        let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+        let resp = client().get(proxy.url("/x")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let body = error_json(resp).await;
+        assert_eq!(body["error"], "upstream_error", "{body}");
+        assert_eq!(body["side"], "legacy", "{body}");
+    }
+}

@@ -83,6 +83,21 @@ pub fn offer_trailers(headers: &mut HeaderMap) {
     headers.append(header::CONNECTION, HeaderValue::from_static("te"));
 }
 
+/// The first transfer coding other than `chunked` the message was sent in, if any (`gzip` in
+/// `Transfer-Encoding: gzip, chunked`). hyper undoes the chunking only.
+pub fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .flat_map(|v| {
+            v.split(',')
+                .map(|t| t.split(';').next().unwrap_or_default().trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+}
+
 /// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like).
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -489,6 +504,26 @@ mod tests {
         let child = h[&TRACEPARENT].to_str().unwrap();
         assert_eq!(parse_traceparent(child.as_bytes()), Some(id));
         assert_ne!(child, value);
+    }
+
+    #[test]
+    fn transfer_codings_other_than_chunked_are_found() {
+        let coding = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            other_transfer_coding(&h)
+        };
+        assert_eq!(coding(&[]), None);
+        assert_eq!(coding(&["chunked"]), None);
+        assert_eq!(coding(&["Chunked"]), None);
+        assert_eq!(coding(&["gzip, chunked"]).as_deref(), Some("gzip"));
+        assert_eq!(coding(&["gzip", "chunked"]).as_deref(), Some("gzip"));
+        assert_eq!(
+            coding(&["x-custom;q=1, chunked"]).as_deref(),
+            Some("x-custom")
+        );
     }
 
     #[test]

@@ -465,6 +465,18 @@ where
         }
     };
 
+    // Nobody would undo such a coding: the client would get the coded bytes as the answer.
+    if !hyper::body::Body::is_end_stream(resp.body())
+        && let Some(coding) = headers::other_transfer_coding(resp.headers())
+    {
+        return Err(ProxyError::Upstream {
+            side,
+            source: format!(
+                "the answer is in transfer coding {coding:?}, which cannot be passed on"
+            )
+            .into(),
+        });
+    }
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
