@@ -643,3 +643,23 @@ async fn an_upgraded_connection_counts_against_max_connections() {
     }
     assert!(served, "the WebSocket's permit is released when it closes");
 }
+
+/// hyper's server reads `Transfer-Encoding: gzip, chunked` by undoing the chunking alone, and
+/// `Transfer-Encoding` is hop-by-hop: the upstream got the still-compressed bytes as if they
+/// were the body. RFC 9112 6.1: a server that does not understand a transfer coding answers
+/// 501, and nothing reaches an upstream.
+#[tokio::test]
+async fn a_request_in_an_unknown_transfer_coding_is_refused_with_501() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    let (status, text) = exchange(
+        proxy.ficus.proxy_addr(),
+        b"POST /public/upload HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: gzip, chunked\r\n\
+          Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 501, "{text}");
+    assert_eq!(body_json(&text)["error"], "unsupported_transfer_coding");
+    assert_eq!(legacy.count() + new.count(), 0);
+}

@@ -38,6 +38,8 @@ pub enum ProxyError {
     ClientBodyTimeout { timeout: Duration },
     #[error("the request body failed before its end: {source}")]
     ClientBody { source: BoxError },
+    #[error("the request body is in transfer coding {0:?}, which is not supported")]
+    UnsupportedTransferCoding(String),
 }
 
 impl ProxyError {
@@ -106,6 +108,7 @@ impl ProxyError {
             ProxyError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -124,6 +127,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::ClientBodyTimeout { .. } => "client_body_timeout",
             ProxyError::ClientBody { .. } => "client_body_error",
+            ProxyError::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
         }
     }
 
@@ -141,7 +145,8 @@ impl ProxyError {
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::ClientBodyTimeout { .. }
-            | ProxyError::ClientBody { .. } => "client",
+            | ProxyError::ClientBody { .. }
+            | ProxyError::UnsupportedTransferCoding(_) => "client",
         }
     }
 
@@ -163,7 +168,8 @@ impl ProxyError {
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::MethodNotAllowed(_)
             | ProxyError::ClientBodyTimeout { .. }
-            | ProxyError::ClientBody { .. } => None,
+            | ProxyError::ClientBody { .. }
+            | ProxyError::UnsupportedTransferCoding(_) => None,
         }
     }
 }

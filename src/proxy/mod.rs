@@ -187,6 +187,15 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             return reject(ProxyError::MethodNotAllowed("CONNECT"), &req, &request_id);
         }
+        // hyper undoes the chunking only; the upstream would get the still-coded bytes as the
+        // body, since `Transfer-Encoding` does not go on (RFC 9112 6.1: 501).
+        if let Some(coding) = headers::other_transfer_coding(req.headers()) {
+            return reject(
+                ProxyError::UnsupportedTransferCoding(coding),
+                &req,
+                &request_id,
+            );
+        }
         let trace_id = headers::ensure_traceparent(req.headers_mut());
         let upgrade = headers::is_upgrade_request(&req);
         let client_ip = self.limits.client_ip(&conn, req.headers());
