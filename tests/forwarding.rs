@@ -958,3 +958,24 @@ async fn an_answer_in_an_unknown_transfer_coding_is_a_502_not_a_corrupt_body() {
         assert_eq!(body["side"], "legacy", "{body}");
     }
 }
+
+/// RFC 9110 8.6: no `Content-Length` in a 204. HTTP/2 clients built on nghttp2 (curl among
+/// them) reset a stream whose 204 announces a length other than 0, so an upstream's stray
+/// length, passed on, failed answers that carry no content at all.
+#[tokio::test]
+async fn a_204_reaches_the_client_without_content_length() {
+    let legacy = raw_upstream(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+    let resp = h2_client()
+        .delete(proxy.url("/item/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert!(!resp.headers().contains_key("content-length"), "{resp:?}");
+    let resp = client().head(proxy.url("/item/1")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(!resp.headers().contains_key("content-length"), "{resp:?}");
+}

@@ -337,8 +337,14 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
 /// Prepares an upstream's response head for the client.
 pub fn prepare_response<B>(resp: &mut Response<B>, request_id: &HeaderValue, upgraded: bool) {
     let version = resp.version();
+    let status = resp.status();
     let headers = resp.headers_mut();
     strip_hop_by_hop(headers, upgraded);
+    // No length in an answer that has no content by its status (RFC 9110 8.6); nghttp2's
+    // HTTP/2 clients reset a 204 stream that announces one.
+    if status == http::StatusCode::NO_CONTENT || status.is_informational() {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     single_content_length(headers);
     append_via(headers, version);
     headers
