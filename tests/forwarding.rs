@@ -979,3 +979,70 @@ async fn a_204_reaches_the_client_without_content_length() {
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     assert!(!resp.headers().contains_key("content-length"), "{resp:?}");
 }
+
+/// `Upgrade: h2c` asks to turn the connection into HTTP/2 with whoever answers. Passed on, an
+/// upstream that accepts (Go's h2c handler does) switches, and ficus, taking it for a
+/// tunnel, pipes bytes from then on: every later request of that client goes straight to
+/// that upstream, past routing, shadowing and every header rewrite. Like Envoy, ficus does
+/// not offer h2c upstream; the client stays on HTTP/1.1 (RFC 9113 3.1 has retired h2c).
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_on_and_later_requests_are_still_proxied() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upgrades = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen_upgrades = upgrades.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let upgrades = seen_upgrades.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        buf.drain(..end + 4);
+                        let answer: &[u8] = if head.contains("upgrade: h2c") {
+                            upgrades.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlegacy"
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(
+        ANY_TO_LEGACY,
+        format!("http://{addr}").parse().unwrap(),
+        new.url(),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    s.write_all(
+        b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let first = read_sized_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_sized_response(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{second}");
+    assert!(second.contains("via: 1.1 ficus\r\n"), "{second}");
+    assert_eq!(upgrades.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

@@ -98,10 +98,20 @@ pub fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
         .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
 }
 
-/// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like).
+/// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like). An offer of
+/// `h2c` is not one ficus passes on: the connection would turn into HTTP/2 with the upstream,
+/// and every later request on it would bypass ficus through the tunnel. Its `Upgrade` is
+/// stripped like any hop-by-hop header, and the client carries on in HTTP/1.1.
 pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
+        && !req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case("h2c"))
         && req
             .headers()
             .get_all(header::CONNECTION)
