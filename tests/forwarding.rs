@@ -1046,3 +1046,29 @@ async fn an_h2c_upgrade_is_not_passed_on_and_later_requests_are_still_proxied() 
     assert!(second.contains("via: 1.1 ficus\r\n"), "{second}");
     assert_eq!(upgrades.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+/// An answer with both `Transfer-Encoding: chunked` and `Content-Length` is framed by the
+/// chunking, and a proxy MUST remove the `Content-Length` before forwarding it (RFC 9112
+/// 6.3). ficus removed the chunking header only: the client read the body by the stale
+/// length, a silently truncated answer on a connection kept alive (HTTP/1.1), or a reset
+/// stream (HTTP/2).
+#[tokio::test]
+async fn a_chunked_answer_that_also_announces_a_length_is_passed_on_whole() {
+    let legacy = raw_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+    let text = raw_exchange(
+        proxy.ficus.proxy_addr(),
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(!text.contains("content-length"), "{text}");
+    assert!(text.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{text}");
+    let resp = h2_client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "hello");
+}

@@ -349,6 +349,11 @@ pub fn prepare_response<B>(resp: &mut Response<B>, request_id: &HeaderValue, upg
     let version = resp.version();
     let status = resp.status();
     let headers = resp.headers_mut();
+    // The chunking framed the body, not the length beside it, and the length must go with the
+    // chunking (RFC 9112 6.3): left alone, the client reads a truncated body as a whole one.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(headers, upgraded);
     // No length in an answer that has no content by its status (RFC 9110 8.6); nghttp2's
     // HTTP/2 clients reset a 204 stream that announces one.
