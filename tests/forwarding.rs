@@ -1072,3 +1072,26 @@ async fn a_chunked_answer_that_also_announces_a_length_is_passed_on_whole() {
     let resp = h2_client().get(proxy.url("/x")).send().await.unwrap();
     assert_eq!(resp.text().await.unwrap(), "hello");
 }
+
+/// A 101 is an answer to an upgrade request only. An upstream that switches protocols
+/// unasked left the client with an interim answer and nothing after it (HTTP/1.1: the client
+/// waits for a final answer that never comes; HTTP/2 has no 101 at all): a 502 says what
+/// happened.
+#[tokio::test]
+async fn an_unasked_101_is_a_502() {
+    let legacy = raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+    let text = raw_exchange(
+        proxy.ficus.proxy_addr(),
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{text}");
+    let resp = h2_client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(error_json(resp).await["error"], "upstream_error");
+}

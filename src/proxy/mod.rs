@@ -487,6 +487,13 @@ where
         });
     }
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    // Passed on, an unasked 101 leaves the client waiting for a final answer.
+    if upgraded && client_upgrade.is_none() {
+        return Err(ProxyError::Upstream {
+            side,
+            source: "the upstream switched protocols unasked (101)".into(),
+        });
+    }
     if let (true, Some(client_upgrade)) = (upgraded, client_upgrade) {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
