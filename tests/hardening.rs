@@ -663,3 +663,36 @@ async fn a_request_in_an_unknown_transfer_coding_is_refused_with_501() {
     assert_eq!(body_json(&text)["error"], "unsupported_transfer_coding");
     assert_eq!(legacy.count() + new.count(), 0);
 }
+
+/// A 413 sent before the body was read ends the connection (hyper closes it rather than read
+/// an unwanted body), and RFC 9110 10.1.1 asks the server to say so. Without `Connection:
+/// close` the client keeps the connection for its next request, which then fails on a
+/// closed socket: a POST it cannot safely retry.
+#[tokio::test]
+async fn an_early_413_says_that_the_connection_closes() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = RULES.replace(
+        "name = \"public\"",
+        "name = \"public\"\nmax_request_body = \"1KiB\"",
+    );
+    let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
+    for raw in [
+        // Announced over the limit, the client waiting for 100 Continue before its body.
+        "POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\nExpect: 100-continue\r\n\r\n"
+            .to_string(),
+        // Chunked, cut off once past the limit, with more of it still to come.
+        format!(
+            "POST /public/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{}\r\n",
+            1500,
+            "y".repeat(1500)
+        ),
+    ] {
+        let (status, text) = exchange(proxy.ficus.proxy_addr(), raw.as_bytes()).await;
+        assert_eq!(status, 413, "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("\r\nconnection: close\r\n"),
+            "{text}"
+        );
+    }
+}

@@ -239,8 +239,11 @@ impl Proxy {
                 Some(Admission::Skip(outcome)) => counters().count(outcome),
                 None => {}
             }
-            return reject(ProxyError::BodyTooLarge { limit }, &req, &request_id);
+            let mut resp = reject(ProxyError::BodyTooLarge { limit }, &req, &request_id);
+            announce_close(&mut resp, req.version());
+            return resp;
         }
+        let version = req.version();
         let req = req.map(|b| body::Capped::new(b, body_limit));
 
         let result = match admission {
@@ -286,7 +289,16 @@ impl Proxy {
                         "upstream request failed"
                     );
                 }
-                rescue(&e, &route.name, Some(&upstream.name), &request_id)
+                let mut resp = rescue(&e, &route.name, Some(&upstream.name), &request_id);
+                if matches!(
+                    e,
+                    ProxyError::BodyTooLarge { .. }
+                        | ProxyError::ClientBody { .. }
+                        | ProxyError::ClientBodyTimeout { .. }
+                ) {
+                    announce_close(&mut resp, version);
+                }
+                resp
             }
         };
         let elapsed = start.elapsed();
@@ -543,6 +555,16 @@ pub fn canonical_uri(uri: &Uri) -> Result<Option<Uri>, ProxyError> {
     Uri::from_parts(parts)
         .map(Some)
         .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
+}
+
+/// Says `Connection: close` on an HTTP/1.x answer sent before the request body was read to
+/// its end: hyper closes such a connection rather than read the rest, and RFC 9110 10.1.1
+/// asks the server to tell the client, which would otherwise reuse a closing connection.
+fn announce_close(resp: &mut Response<Body>, version: Version) {
+    if version < Version::HTTP_2 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// The answer to a request refused before routing: counted, logged, never forwarded.
