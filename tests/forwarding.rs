@@ -947,6 +947,9 @@ async fn an_answer_in_an_unknown_transfer_coding_is_a_502_not_a_corrupt_body() {
     for answer in [
         &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
         &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nhello"[..],
+        // Chunked twice: decoded once, the client would get chunk framing as the body.
+        &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n\
+           f\r\n5\r\nhello\r\n0\r\n\r\n\r\n0\r\n\r\n"[..],
     ] {
         let legacy = raw_upstream(answer).await;
         let new = Backend::start("new").await;

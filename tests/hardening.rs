@@ -696,3 +696,24 @@ async fn an_early_413_says_that_the_connection_closes() {
         );
     }
 }
+
+/// `Transfer-Encoding: chunked, chunked` says the body was chunked twice (which RFC 9112 7
+/// forbids a sender to do). hyper undoes the chunking once, so the upstream got chunk
+/// framing (`5\r\nhello\r\n0\r\n\r\n`) as the body: a corrupted write, and the kind of
+/// disagreement about framing that request smuggling lives on. Refused like any other
+/// unsupported coding.
+#[tokio::test]
+async fn a_request_chunked_twice_is_refused_with_501() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    let (status, text) = exchange(
+        proxy.ficus.proxy_addr(),
+        b"POST /public/upload HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked, chunked\r\n\
+          Connection: close\r\n\r\nf\r\n5\r\nhello\r\n0\r\n\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 501, "{text}");
+    assert_eq!(body_json(&text)["error"], "unsupported_transfer_coding");
+    assert_eq!(legacy.count() + new.count(), 0);
+}

@@ -83,10 +83,11 @@ pub fn offer_trailers(headers: &mut HeaderMap) {
     headers.append(header::CONNECTION, HeaderValue::from_static("te"));
 }
 
-/// The first transfer coding other than `chunked` the message was sent in, if any (`gzip` in
-/// `Transfer-Encoding: gzip, chunked`). hyper undoes the chunking only.
+/// The first transfer coding the message was sent in besides one final `chunked`, if any
+/// (`gzip` in `Transfer-Encoding: gzip, chunked`; the first `chunked` of `chunked, chunked`).
+/// hyper undoes one chunking only.
 pub fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
-    headers
+    let codings: Vec<String> = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
@@ -95,7 +96,13 @@ pub fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
                 .map(|t| t.split(';').next().unwrap_or_default().trim().to_string())
                 .collect::<Vec<_>>()
         })
-        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+        .filter(|coding| !coding.is_empty())
+        .collect();
+    let undone = match codings.last() {
+        Some(last) if last.eq_ignore_ascii_case("chunked") => codings.len() - 1,
+        _ => codings.len(),
+    };
+    codings.into_iter().take(undone).next()
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (WebSocket and the like). An offer of
@@ -545,6 +552,10 @@ mod tests {
             coding(&["x-custom;q=1, chunked"]).as_deref(),
             Some("x-custom")
         );
+        assert_eq!(coding(&["chunked, chunked"]).as_deref(), Some("chunked"));
+        assert_eq!(coding(&["chunked", "chunked"]).as_deref(), Some("chunked"));
+        assert_eq!(coding(&["chunked, gzip"]).as_deref(), Some("chunked"));
+        assert_eq!(coding(&["gzip"]).as_deref(), Some("gzip"));
     }
 
     #[test]
