@@ -813,6 +813,63 @@ mod pipeline_edges {
         assert!(!spool.pending());
     }
 
+    /// The retention sweep ran on the writer's own loop, with no time limit: on a stalled
+    /// store, a sweep that had started kept every new record waiting in the queue (and,
+    /// past 10,000, dropped) instead of letting it fall back to the spool after the store
+    /// timeout, as records do when the sweep is not running.
+    #[tokio::test]
+    async fn a_sweep_on_a_stalled_store_does_not_hold_records_back_from_the_spool() {
+        use std::sync::atomic::Ordering;
+        let redis = RedisServer::start_with(&["--enable-debug-command", "local"]).await;
+        let store = store::open(&redis.url(), "ficus:").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Writer::start(
+            store,
+            WriterConfig {
+                // A sweep always about to run, so that one meets the stall.
+                sweep_every: Duration::from_millis(20),
+                ..writer_config(dir.path())
+            },
+        )
+        .unwrap();
+        let port = redis.port.to_string();
+        let mut sleeper = std::process::Command::new("redis-cli")
+            .args(["-p", &port, "DEBUG", "SLEEP", "4"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                !redis_ping(&addr).await
+            })
+            .await,
+            "Redis never stalled"
+        );
+        for i in 0..5 {
+            writer.record(record("orders", SystemTime::now(), &format!("/{i}")));
+        }
+        // Well within the stall, and before a store command's own response timeout (2 s)
+        // would free a writer held by the sweep: the store timeout is 300 ms.
+        let spooled = eventually(Duration::from_millis(1100), || async {
+            writer.stats().spooled.load(Ordering::Relaxed) == 5
+        })
+        .await;
+        let stalled = sleeper.try_wait().unwrap().is_none();
+        while sleeper.try_wait().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        writer.close().await;
+        assert!(
+            stalled,
+            "the stall ended before the check; the test proves nothing"
+        );
+        assert!(
+            spooled,
+            "records waited behind the sweep instead of going to the spool"
+        );
+    }
+
     fn writer_config(dir: &std::path::Path) -> WriterConfig {
         WriterConfig {
             spool_dir: dir.join("spool"),

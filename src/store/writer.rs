@@ -29,6 +29,8 @@ pub struct WriterConfig {
     pub retention: Retention,
     /// Longest a store call may take before the writer falls back to the spool.
     pub store_timeout: Duration,
+    /// How often the retention sweep runs.
+    pub sweep_every: Duration,
 }
 
 impl Default for WriterConfig {
@@ -42,6 +44,7 @@ impl Default for WriterConfig {
                 per_route_cap: 100_000,
             },
             store_timeout: Duration::from_secs(2),
+            sweep_every: Duration::from_secs(60),
         }
     }
 }
@@ -261,8 +264,12 @@ impl Task {
     async fn run(mut self, mut rx: mpsc::Receiver<Record>, mut closed: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sweep = tokio::time::interval(Duration::from_secs(60));
+        let mut sweep = tokio::time::interval(self.config.sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The sweep runs beside the writer: it has no time limit (deleting many records takes
+        // long), and on a stalled store it would otherwise hold every record in the queue
+        // instead of letting them fall back to the spool.
+        let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             tokio::select! {
@@ -278,9 +285,21 @@ impl Task {
                     self.deliver_spool().await;
                     self.publish_gauges();
                 }
-                _ = sweep.tick() => self.expire().await,
+                _ = sweep.tick() => {
+                    if sweeping.as_ref().is_none_or(|s| s.is_finished()) {
+                        sweeping = Some(tokio::spawn(expire(
+                            self.store.clone(),
+                            self.config.retention,
+                            self.stats.clone(),
+                        )));
+                    }
+                }
                 _ = closing(&mut closed) => break,
             }
+        }
+        // Idempotent: the next start sweeps again.
+        if let Some(s) = sweeping {
+            s.abort();
         }
         // Closing: what is queued still goes somewhere durable.
         rx.close();
@@ -521,16 +540,17 @@ impl Task {
             Err(e) => warn!(error = %e, "cannot keep unflushed counts next to the spool"),
         }
     }
+}
 
-    async fn expire(&self) {
-        match self.store.expire(self.config.retention, now_ms()).await {
-            Ok(n) => {
-                self.stats.expired.fetch_add(n, Ordering::Relaxed);
-                if n > 0 {
-                    info!(records = n, "expired divergence records");
-                }
+/// One retention sweep.
+async fn expire(store: Arc<dyn Store>, retention: Retention, stats: Arc<WriterStats>) {
+    match store.expire(retention, now_ms()).await {
+        Ok(n) => {
+            stats.expired.fetch_add(n, Ordering::Relaxed);
+            if n > 0 {
+                info!(records = n, "expired divergence records");
             }
-            Err(e) => warn!(error = %e, "retention sweep failed"),
         }
+        Err(e) => warn!(error = %e, "retention sweep failed"),
     }
 }
