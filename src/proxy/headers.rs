@@ -87,6 +87,13 @@ pub fn offer_trailers(headers: &mut HeaderMap) {
 /// (`gzip` in `Transfer-Encoding: gzip, chunked`; the first `chunked` of `chunked, chunked`).
 /// hyper undoes one chunking only.
 pub fn other_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    // The common cases, without allocating: no coding, or chunked alone.
+    let mut values = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (values.next(), values.next()) {
+        (None, _) => return None,
+        (Some(v), None) if v.as_bytes().eq_ignore_ascii_case(b"chunked") => return None,
+        _ => {}
+    }
     let codings: Vec<String> = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
