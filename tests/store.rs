@@ -672,6 +672,48 @@ async fn redis_retention_racing_a_state_change_leaves_no_index_entry_behind() {
     assert_eq!(other.count(&route()).await.unwrap(), 0);
 }
 
+/// Every replica sweeps every minute. Two that enforce the per-route cap at once must keep the
+/// newest `cap` records, not delete the excess once each: a sweep that counted before the
+/// other deleted, then took "the oldest excess" after, removed records the cap keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sweeps_of_two_replicas_at_once_keep_the_per_route_cap() {
+    let redis = RedisServer::start().await;
+    let a = store::open(&redis.url(), "ficus:").await.unwrap();
+    let b = store::open(&redis.url(), "ficus:").await.unwrap();
+    let now = store::writer::now_ms();
+    let route = || Filter {
+        route: Some("capped".into()),
+        ..Default::default()
+    };
+    let retention = Retention {
+        records_ms: 7 * 24 * 3_600_000,
+        per_route_cap: 50,
+    };
+    for round in 0..30u64 {
+        let records: Vec<Record> = (0..150)
+            .map(|i| record("capped", ms(now - 3_600_000 + round * 1000 + i), "/total"))
+            .collect();
+        a.put(&records).await.unwrap();
+        let (x, y) = tokio::join!(
+            tokio::spawn({
+                let a = a.clone();
+                async move { a.expire(retention, now).await.unwrap() }
+            }),
+            tokio::spawn({
+                let b = b.clone();
+                async move { b.expire(retention, now).await.unwrap() }
+            })
+        );
+        x.unwrap();
+        y.unwrap();
+        assert_eq!(
+            a.count(&route()).await.unwrap(),
+            50,
+            "round {round}: two sweeps kept fewer than the cap"
+        );
+    }
+}
+
 #[tokio::test]
 async fn redis_time_bounded_counts_are_exact_and_read_no_record() {
     let redis = RedisServer::start().await;

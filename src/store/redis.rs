@@ -701,14 +701,30 @@ impl Store for RedisStore {
             }
             let routes: Vec<String> =
                 with_conn!(self, c => c.smembers(self.key(&["routes"])).await?);
+            let cap = isize::try_from(retention.per_route_cap).unwrap_or(isize::MAX);
             for route in routes {
                 let index = self.key(&["idx", "route", &route]);
-                let n: usize = with_conn!(self, c => c.zcard(&index).await?);
-                if n > retention.per_route_cap {
-                    let excess = n - retention.per_route_cap;
+                // The oldest record the cap keeps: what is older goes. Taken from the newest
+                // end, so that sweeps of several replicas at once agree on it (counting, then
+                // taking "the oldest excess" after another sweep has deleted it, would take
+                // records the cap keeps). A cap of 0 keeps nothing, as in SQLite.
+                let below = if cap == 0 {
+                    "+".to_string()
+                } else {
+                    let kept: Vec<String> =
+                        with_conn!(self, c => c.zrange(&index, -cap, -cap).await?);
+                    match kept.into_iter().next() {
+                        Some(oldest_kept) => format!("({oldest_kept}"),
+                        None => continue,
+                    }
+                };
+                loop {
                     let ids: Vec<String> = with_conn!(self, c => c
-                        .zrangebylex_limit(&index, "-", "+", 0, excess as isize)
+                        .zrangebylex_limit(&index, "-", &below, 0, 500)
                         .await?);
+                    if ids.is_empty() {
+                        break;
+                    }
                     gone += self.delete_ids(&ids).await?;
                 }
             }
