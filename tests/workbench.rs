@@ -769,3 +769,60 @@ async fn time_filters_bulk_replay_and_the_keyboard() {
     wait_text(&c, "main", "No divergences match these filters.").await;
     c.close().await.unwrap();
 }
+
+/// On Redis a page of the listing reads a bounded number of index entries, so a selective
+/// filter (open records of a route, behind 2,100 newer acknowledged ones) answers empty pages
+/// with a cursor before its matches. The list follows the cursor instead of saying that
+/// nothing matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_finds_records_past_short_redis_pages() {
+    let redis = support::RedisServer::start().await;
+    let fixed = Arc::new(AtomicBool::new(false));
+    let (legacy, new) = backends(fixed).await;
+    let url = redis.url();
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| c.store = url).await;
+    for i in 0..3 {
+        client()
+            .get(proxy.url(&format!("/api/orders/{i}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    let open = proxy.wait_records(3).await;
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let newer: Vec<ficus::record::Record> = (0..2_100u64)
+        .map(|i| {
+            let mut r = open[0].clone();
+            let t = format!("{:012x}", now + 60_000 + i);
+            r.id = format!("{}-{}-7000-8000-{:012x}", &t[..8], &t[8..], 1);
+            r.state = ficus::record::State::Acknowledged;
+            r
+        })
+        .collect();
+    proxy.ficus.store().put(&newer).await.unwrap();
+    let first: Value = proxy
+        .admin_json("/api/divergences?route=orders&state=open&limit=50")
+        .await;
+    assert_eq!(
+        first["items"].as_array().map(Vec::len),
+        Some(0),
+        "the first page is empty with a cursor, or this test proves nothing: {first}"
+    );
+    let (_driver, c) = Driver::start().await;
+    c.goto(&proxy.admin_url("/ui/#/divergences?route=orders&state=open"))
+        .await
+        .unwrap();
+    wait_for(&c, "table#divergences").await;
+    let rows = c
+        .find_all(Locator::Css("table#divergences tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3, "the three open records are listed");
+    c.close().await.unwrap();
+}
