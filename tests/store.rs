@@ -510,6 +510,25 @@ async fn contract(store: Arc<dyn Store>) {
             }
         )
     );
+    // Age-based retention keeps unresolved defects: the block they put on the verdict lifts
+    // when someone resolves, marks expected or reclassifies them, not when they grow old.
+    let aged = |path: &str| record("gate", ms(now - 10 * 24 * 3_600_000), path);
+    let (defect, fixed, plain) = (aged("/a"), aged("/b"), aged("/c"));
+    store
+        .put(&[defect.clone(), fixed.clone(), plain.clone()])
+        .await
+        .unwrap();
+    for (r, state) in [(&defect, State::Acknowledged), (&fixed, State::Resolved)] {
+        let classify = Arc::new(move |x: &mut Record| {
+            x.class = Some("defect".into());
+            x.state = state;
+        });
+        store.modify(&r.id, classify).await.unwrap().unwrap();
+    }
+    store.expire(retention, now).await.unwrap();
+    assert!(store.get(&defect.id).await.unwrap().is_some());
+    assert!(store.get(&fixed.id).await.unwrap().is_none());
+    assert!(store.get(&plain.id).await.unwrap().is_none());
     store.ping().await.unwrap();
 }
 
@@ -565,8 +584,9 @@ async fn redis_store_keeps_the_contract_and_leaves_no_dangling_index_entries() {
             );
         }
     }
-    // 7 records, each in idx:all, idx:route, idx:state and idx:fp.
-    assert_eq!(members, 7 * 4);
+    // 7 records, each in idx:all, idx:route, idx:state and idx:fp, and the unresolved defect
+    // retention kept, in those and idx:class.
+    assert_eq!(members, 7 * 4 + 5);
 }
 
 /// Counts with a time bound stay exact past one page of index entries (the Redis store walks

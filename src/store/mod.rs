@@ -19,6 +19,13 @@ use crate::record::{Record, State};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Whether a record keeps its route from reading ready: classified `defect`, and neither
+/// resolved nor marked expected. Age-based retention keeps such records (the per-route cap
+/// still bounds them), or the block would lift with nobody having acted.
+pub fn blocks_verdict(r: &Record) -> bool {
+    r.class.as_deref() == Some("defect") && matches!(r.state, State::Open | State::Acknowledged)
+}
+
 /// A change to one stored record (state, class, note, history), for [`Store::modify`]. It may
 /// be applied more than once, each time to a fresh copy of the stored record.
 pub type RecordChange = Arc<dyn Fn(&mut Record) + Send + Sync>;

@@ -332,15 +332,24 @@ impl RedisStore {
     }
 
     /// Deletes a record with its index entries: those of the record as stored when the
-    /// script runs (read again if another replica changed it since `json` was read).
-    async fn delete_record(&self, mut record: Record, mut json: String) -> Result<(), StoreError> {
+    /// script runs (read again if another replica changed it since `json` was read), if
+    /// `doomed` still selects it as stored then. Whether it was deleted.
+    async fn delete_record(
+        &self,
+        mut record: Record,
+        mut json: String,
+        doomed: fn(&Record) -> bool,
+    ) -> Result<bool, StoreError> {
         for _ in 0..UPDATE_ATTEMPTS {
+            if !doomed(&record) {
+                return Ok(false);
+            }
             let keys = self.keys_of(&record);
             let args = [record.id.clone(), json];
             let done =
                 with_conn!(self, c => Self::run_script(&mut c, &self.delete, &keys, &args).await)?;
             if done >= 0 {
-                return Ok(());
+                return Ok(true);
             }
             match self
                 .fetch_raw(std::slice::from_ref(&record.id))
@@ -348,7 +357,7 @@ impl RedisStore {
                 .pop()
             {
                 Some((fresh, fresh_json)) => (record, json) = (fresh, fresh_json),
-                None => return Ok(()),
+                None => return Ok(false),
             }
         }
         Err(StoreError::Task(format!(
@@ -357,16 +366,50 @@ impl RedisStore {
         )))
     }
 
-    async fn delete_ids(&self, ids: &[String]) -> Result<u64, StoreError> {
+    /// Deletes the records of `ids` that `doomed` selects; how many went.
+    async fn delete_ids(
+        &self,
+        ids: &[String],
+        doomed: fn(&Record) -> bool,
+    ) -> Result<u64, StoreError> {
         let records = self.fetch_raw(ids).await?;
-        let n = records.len() as u64;
+        let found: std::collections::HashSet<String> =
+            records.iter().map(|(r, _)| r.id.clone()).collect();
+        let mut n = 0;
         for (record, json) in records {
-            self.delete_record(record, json).await?;
+            if self.delete_record(record, json, doomed).await? {
+                n += 1;
+            }
         }
         // Index entries without a record (should not exist) are removed too.
-        let all = self.key(&["idx", "all"]);
-        let _: i64 = with_conn!(self, c => c.zrem(&all, ids).await?);
+        let orphans: Vec<&String> = ids.iter().filter(|id| !found.contains(*id)).collect();
+        if !orphans.is_empty() {
+            let all = self.key(&["idx", "all"]);
+            let _: i64 = with_conn!(self, c => c.zrem(&all, &orphans).await?);
+        }
         Ok(n)
+    }
+
+    /// Deletes what `doomed` selects among the ids of `index` from `from` (a lex bound) to
+    /// `to`, in batches; how many went. Each batch starts after the last id of the one
+    /// before, since records `doomed` spares stay in the index.
+    async fn delete_range(
+        &self,
+        index: &str,
+        to: &str,
+        doomed: fn(&Record) -> bool,
+    ) -> Result<u64, StoreError> {
+        let mut from = "-".to_string();
+        let mut gone = 0;
+        loop {
+            let ids: Vec<String> =
+                with_conn!(self, c => c.zrangebylex_limit(index, &from, to, 0, 500).await?);
+            let Some(last) = ids.last() else {
+                return Ok(gone);
+            };
+            from = format!("({last}");
+            gone += self.delete_ids(&ids, doomed).await?;
+        }
     }
 }
 
@@ -690,15 +733,10 @@ impl Store for RedisStore {
                 "({}",
                 id_prefix(now_ms.saturating_sub(retention.records_ms))
             );
-            let mut gone = 0;
-            loop {
-                let ids: Vec<String> =
-                    with_conn!(self, c => c.zrangebylex_limit(&all, "-", &cutoff, 0, 500).await?);
-                if ids.is_empty() {
-                    break;
-                }
-                gone += self.delete_ids(&ids).await?;
-            }
+            // Unresolved defects stay (see `blocks_verdict`).
+            let mut gone = self
+                .delete_range(&all, &cutoff, |r| !super::blocks_verdict(r))
+                .await?;
             let routes: Vec<String> =
                 with_conn!(self, c => c.smembers(self.key(&["routes"])).await?);
             let cap = isize::try_from(retention.per_route_cap).unwrap_or(isize::MAX);
@@ -718,15 +756,7 @@ impl Store for RedisStore {
                         None => continue,
                     }
                 };
-                loop {
-                    let ids: Vec<String> = with_conn!(self, c => c
-                        .zrangebylex_limit(&index, "-", &below, 0, 500)
-                        .await?);
-                    if ids.is_empty() {
-                        break;
-                    }
-                    gone += self.delete_ids(&ids).await?;
-                }
+                gone += self.delete_range(&index, &below, |_| true).await?;
             }
             Ok(gone)
         })

@@ -384,8 +384,12 @@ impl Store for SqliteStore {
     fn expire(&self, retention: Retention, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         self.with(move |conn| {
             let cutoff = now_ms.saturating_sub(retention.records_ms);
-            let mut gone =
-                conn.execute("DELETE FROM records WHERE at_ms < ?1", [int(cutoff)])? as u64;
+            // Unresolved defects stay (see `blocks_verdict`); `IS` because class may be NULL.
+            let mut gone = conn.execute(
+                "DELETE FROM records WHERE at_ms < ?1
+                   AND NOT (class IS 'defect' AND state IN ('open', 'acknowledged'))",
+                [int(cutoff)],
+            )? as u64;
             // Per-route cap: keep the newest `cap` records of each route.
             gone += conn.execute(
                 "DELETE FROM records WHERE id IN (
