@@ -531,8 +531,18 @@ async fn replay_resolves_a_record_once_the_new_side_is_fixed_and_refuses_writes(
         resp.json::<Value>().await.unwrap()["error"],
         "unsafe_method"
     );
+    // A match leaves a record marked expected as it is: resolved, its divergence would count
+    // again in the route's rate.
+    c.patch(proxy.admin_url(&format!("/api/divergences/{post_id}")))
+        .json(&json!({"state": "expected"}))
+        .send()
+        .await
+        .unwrap();
     let resp = replay(post_id, "?allow_writes=true").await;
     assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["match"], true, "{answer}");
+    assert_eq!(answer["record"]["state"], "expected", "{answer}");
     assert_eq!(replay("nope".into(), "").await.status(), 404);
 
     // An emergency override that stops shadowing stops replays too: they call both sides.

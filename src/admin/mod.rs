@@ -684,23 +684,26 @@ async fn replay_record(
     }
     let matched = comparison.is_match();
     let outcome = if matched { "matched" } else { "still diverges" };
-    let mut what = json!({ "replay": outcome });
-    if matched {
-        what["state"] = json!("resolved");
-        what["resolution"] = json!("replay matched");
-    }
-    let entry = Change {
-        who: who.0.clone(),
-        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        what,
-    };
+    let (who, at) = (
+        who.0.clone(),
+        humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+    );
     // The upstreams took time: the outcome is applied to the record as stored when it is
-    // written, so a state or note set meanwhile is kept.
+    // written, so a state or note set meanwhile is kept. A match resolves the record, except
+    // one marked expected: an expected divergence leaves the rate, a resolved one counts (it
+    // did diverge), so resolving it would make the route look worse for a match.
     let change: crate::store::RecordChange = Arc::new(move |r: &mut crate::record::Record| {
-        if matched {
+        let mut what = json!({ "replay": outcome });
+        if matched && r.state != RecordState::Expected {
             r.state = RecordState::Resolved;
+            what["state"] = json!("resolved");
+            what["resolution"] = json!("replay matched");
         }
-        r.history.push(entry.clone());
+        r.history.push(Change {
+            who: who.clone(),
+            at: at.clone(),
+            what,
+        });
     });
     let record = match state.store.modify(&record.id, change).await {
         Ok(Some(record)) => record,
