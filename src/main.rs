@@ -215,7 +215,8 @@ struct LimitArgs {
         default_value_t = 10_000
     )]
     max_connections: usize,
-    /// Time to send a request head; for HTTP/1.1 also the longest idle keep-alive.
+    /// Time to send a request head; also the longest idle keep-alive (HTTP/1.1) or HTTP/2
+    /// connection without an open stream.
     #[arg(long, env = "FICUS_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
     /// Largest request head (HTTP/1.1) or header list (HTTP/2); more gets 431.

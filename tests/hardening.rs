@@ -717,3 +717,100 @@ async fn a_request_chunked_twice_is_refused_with_501() {
     assert_eq!(body_json(&text)["error"], "unsupported_transfer_coding");
     assert_eq!(legacy.count() + new.count(), 0);
 }
+
+/// Reads frames until the proxy closes the connection, answering its PINGs as a live client
+/// would when `pong`. `None`: still open when `within` passed.
+async fn h2_read_to_close(
+    s: &mut TcpStream,
+    pong: bool,
+    within: Duration,
+) -> Option<Vec<(u8, u8, u32, Vec<u8>)>> {
+    const PING: u8 = 6;
+    let mut buf = Vec::new();
+    let mut frames = Vec::new();
+    let read = async {
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                let frame = (buf[3], buf[4], stream, buf[9..9 + len].to_vec());
+                buf.drain(..9 + len);
+                if pong && frame.0 == PING && frame.1 & 1 == 0 {
+                    let _ = s.write_all(&h2_frame(PING, 1, 0, &frame.3)).await;
+                }
+                frames.push(frame);
+            }
+            let mut chunk = [0u8; 8192];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.ok()?;
+    Some(frames)
+}
+
+/// HTTP/1.1 keep-alive connections are closed after `--header-read-timeout` without a
+/// request; an HTTP/2 connection had no such limit, so a client that opens connections and
+/// leaves them idle (answering PINGs) held `--max-connections` slots for ever.
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_after_the_header_read_timeout() {
+    const SETTINGS: u8 = 4;
+    const HEADERS: u8 = 1;
+    const GOAWAY: u8 = 7;
+    // The upstream takes longer than the idle limit: an open stream is not idleness.
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        support::named_response("legacy", &req)
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| {
+        c.limits.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let addr = proxy.ficus.proxy_addr();
+    let preface = || {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(SETTINGS, 0, 0, &[]));
+        out
+    };
+
+    // One request served, however long it takes, then nothing: the connection is closed with
+    // a GOAWAY, after the answer.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = preface();
+    out.extend(h2_frame(HEADERS, 0x1 | 0x4, 1, &h2_get("/public/x")));
+    s.write_all(&out).await.unwrap();
+    let frames = h2_read_to_close(&mut s, true, Duration::from_secs(10))
+        .await
+        .expect("an idle h2 connection was still open 10 s later (header read timeout 300 ms)");
+    let answered = frames
+        .iter()
+        .position(|(k, _, id, _)| *k == HEADERS && *id == 1)
+        .expect("the slow request is answered");
+    let goaway = frames
+        .iter()
+        .position(|(k, ..)| *k == GOAWAY)
+        .expect("closed with GOAWAY");
+    assert!(answered < goaway, "GOAWAY only once the stream was done");
+    assert_eq!(legacy.count(), 1);
+
+    // A connection that never sends a request at all is closed too, also when it does not
+    // answer the PING with which a graceful GOAWAY waits for streams still in flight.
+    for pong in [true, false] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&preface()).await.unwrap();
+        assert!(
+            h2_read_to_close(&mut s, pong, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "an h2 connection without a request (answering PINGs: {pong}) was still open 10 s later"
+        );
+    }
+}

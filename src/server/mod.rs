@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -32,8 +32,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Limits {
     /// Open client connections, all workers together; more are closed at once and counted.
     pub max_connections: usize,
-    /// Time to send a request head; for HTTP/1.1 also the longest a kept-alive connection may
-    /// sit idle before its next request (slow-loris guard).
+    /// Time to send a request head; also the longest a connection may sit idle: an HTTP/1.1
+    /// keep-alive before its next request, an HTTP/2 connection with no stream open
+    /// (slow-loris guard).
     pub header_read_timeout: Duration,
     /// Largest request head (HTTP/1.1) or header list (HTTP/2); more gets 431.
     pub max_header_bytes: usize,
@@ -175,7 +176,9 @@ pub async fn serve(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a receiver: `true` asks it to shut down gracefully, and the
+    // drain below ends when the last receiver is gone.
+    let (drain_tx, drain_rx) = watch::channel(false);
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -209,7 +212,7 @@ pub async fn serve(
         };
         let proxy = proxy.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let drain = drain_rx.clone();
         let slot = ConnectionSlot {
             _permit: Arc::new(permit),
         };
@@ -218,7 +221,7 @@ pub async fn serve(
             None => {
                 tokio::spawn(async move {
                     let stream = FirstBytesDeadline::new(stream, head_timeout);
-                    serve_connection(stream, conn, proxy, builder, watcher, slot).await;
+                    serve_connection(stream, conn, proxy, builder, drain, slot).await;
                 });
             }
             Some(acceptor) => {
@@ -227,7 +230,7 @@ pub async fn serve(
                     {
                         Ok(Ok(stream)) => {
                             let stream = FirstBytesDeadline::new(stream, head_timeout);
-                            serve_connection(stream, conn, proxy, builder, watcher, slot).await;
+                            serve_connection(stream, conn, proxy, builder, drain, slot).await;
                         }
                         Ok(Err(e)) => debug!(error = %e, %peer, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -239,7 +242,9 @@ pub async fn serve(
     drop(listener);
     info!(deadline = ?drain, "draining in-flight requests");
     let deadline = tokio::time::Instant::now() + drain;
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
+    drop(drain_rx);
+    drain_tx.send_replace(true);
+    if tokio::time::timeout_at(deadline, drain_tx.closed())
         .await
         .is_err()
     {
@@ -265,24 +270,147 @@ async fn serve_connection<S>(
     conn: ConnInfo,
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut drain: watch::Receiver<bool>,
     slot: ConnectionSlot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let idle_limit = proxy.limits().header_read_timeout;
+    let activity = Arc::new(Activity::new());
+    let tracker = activity.clone();
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
+        // Taken before the exchange starts, given back when its answer's body is done (or
+        // dropped): the connection is idle only with no exchange open.
+        let busy = Busy::new(&tracker);
         // A request asking to switch protocols carries the connection's slot, so that the
         // tunnel keeps it for as long as it lives. Others go without: extensions cost an
         // allocation on every request.
         if crate::proxy::headers::is_upgrade_request(&req) {
             req.extensions_mut().insert(slot.clone());
         }
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, conn).await) }
+        async move {
+            let resp = proxy.handle(req, conn).await;
+            Ok::<_, std::convert::Infallible>(resp.map(|inner| Tracked { inner, _busy: busy }))
+        }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    if let Err(e) = watcher.watch(connection.into_owned()).await {
+    let mut connection = std::pin::pin!(connection);
+    // hyper bounds an idle HTTP/1.1 keep-alive with its header read timeout, but has no idle
+    // limit for HTTP/2: a client answering PINGs would keep a connection without streams,
+    // and its `--max-connections` slot, for ever. This one covers both (for HTTP/1.1 it
+    // agrees with hyper's), and ends the connection as a shutdown does: GOAWAY, then close.
+    let idle = activity.idle_for(idle_limit, tokio::time::Instant::now());
+    let mut idle = std::pin::pin!(idle);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = &mut idle => {
+                if closing {
+                    // A graceful HTTP/2 GOAWAY waits for the client to answer a PING before
+                    // it closes; a client that never answers kept the connection open.
+                    debug!(peer = %conn.peer, "still idle after GOAWAY; dropping the connection");
+                    return;
+                }
+                debug!(peer = %conn.peer, limit = ?idle_limit, "idle connection; closing");
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+                idle.set(activity.idle_for(idle_limit, tokio::time::Instant::now()));
+            }
+            _ = drain.wait_for(|stop| *stop), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+                idle.set(activity.idle_for(idle_limit, tokio::time::Instant::now()));
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, peer = %conn.peer, "connection closed with error");
+    }
+}
+
+/// How many exchanges a connection has open, and when the last one ended.
+struct Activity {
+    born: tokio::time::Instant,
+    open: AtomicUsize,
+    /// Milliseconds after `born` at which an exchange last ended.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            born: tokio::time::Instant::now(),
+            open: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Resolves once the connection has had no exchange open for `limit`, counting from
+    /// `since` at the earliest.
+    async fn idle_for(&self, limit: Duration, since: tokio::time::Instant) {
+        let mut check = since + limit;
+        loop {
+            tokio::time::sleep_until(check).await;
+            let now = tokio::time::Instant::now();
+            if self.open.load(Ordering::Acquire) > 0 {
+                check = now + limit;
+                continue;
+            }
+            let last_end = Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
+            let end = self.born + last_end + limit;
+            if end <= now {
+                return;
+            }
+            check = end;
+        }
+    }
+}
+
+/// One open exchange of a connection's [`Activity`].
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        Busy(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // The end time is stored before the count drops, so that whoever sees no exchange
+        // open also sees when the last one ended.
+        let ms = u64::try_from(self.0.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_end_ms.fetch_max(ms, Ordering::AcqRel);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its exchange counted as open until it is done or dropped.
+struct Tracked<B> {
+    inner: B,
+    _busy: Busy,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
