@@ -814,3 +814,64 @@ async fn an_idle_h2_connection_is_closed_after_the_header_read_timeout() {
         );
     }
 }
+
+/// HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at once never count against
+/// `--h2-max-streams`, yet each one the proxy has accepted starts an upstream request. h2
+/// closes a connection resetting streams it has not accepted yet (a burst in one write); a
+/// client pacing its resets a little got past that, and 2,000 reset streams made about 1,900
+/// upstream requests on one connection.
+#[tokio::test]
+async fn an_h2_client_resetting_every_stream_is_disconnected() {
+    const SETTINGS: u8 = 4;
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const CANCEL: u32 = 8;
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        support::named_response("legacy", &req)
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    let addr = proxy.ficus.proxy_addr();
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    s.write_all(&out).await.unwrap();
+    let streams = 1000u32;
+    let mut sent = 0;
+    for id in (1..).step_by(2).take(streams as usize) {
+        let head = h2_frame(HEADERS, 0x1 | 0x4, id, &h2_get("/public/x"));
+        if s.write_all(&head).await.is_err() {
+            break;
+        }
+        // Long enough for the proxy to accept the stream before it is reset.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let reset = h2_frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes());
+        if s.write_all(&reset).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(
+        h2_read_to_close(&mut s, true, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a client that reset all {sent} of its streams was still connected"
+    );
+    assert!(
+        legacy.count() < streams as usize / 2,
+        "{} upstream requests for {streams} streams reset at once",
+        legacy.count()
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("ficus_requests_rejected_total{reason=\"reset_flood\"}"),
+        "counted"
+    );
+
+    // Other clients are served as before.
+    let (status, _) = exchange(addr, &get("/public/x")).await;
+    assert_eq!(status, 200);
+}

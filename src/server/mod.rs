@@ -276,7 +276,8 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let idle_limit = proxy.limits().header_read_timeout;
-    let activity = Arc::new(Activity::new());
+    let streams = u64::from(proxy.limits().h2_max_streams);
+    let activity = Arc::new(Activity::new((2 * streams).max(RESET_FLOOD_FLOOR)));
     let tracker = activity.clone();
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
@@ -291,6 +292,7 @@ async fn serve_connection<S>(
         }
         async move {
             let resp = proxy.handle(req, conn).await;
+            let busy = busy.answered();
             Ok::<_, std::convert::Infallible>(resp.map(|inner| Tracked { inner, _busy: busy }))
         }
     });
@@ -318,6 +320,14 @@ async fn serve_connection<S>(
                 closing = true;
                 idle.set(activity.idle_for(idle_limit, tokio::time::Instant::now()));
             }
+            () = activity.flood.notified() => {
+                // Not a GOAWAY: a graceful one lets a client that never answers its PING go
+                // on opening streams.
+                ::metrics::counter!(crate::telemetry::REQUESTS_REJECTED_TOTAL, "reason" => "reset_flood")
+                    .increment(1);
+                warn!(peer = %conn.peer, "client cancels most of its requests (HTTP/2 rapid reset?); closing the connection");
+                return;
+            }
             _ = drain.wait_for(|stop| *stop), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
@@ -330,20 +340,36 @@ async fn serve_connection<S>(
     }
 }
 
-/// How many exchanges a connection has open, and when the last one ended.
+/// Fewest requests a client must cancel before they are answered for its connection to be
+/// closed as a reset flood (twice `--h2-max-streams` when that is more).
+const RESET_FLOOD_FLOOR: u64 = 200;
+
+/// How many exchanges a connection has open, and when the last one ended; how many it
+/// started and how many of those the client cancelled before they were answered.
 struct Activity {
     born: tokio::time::Instant,
     open: AtomicUsize,
     /// Milliseconds after `born` at which an exchange last ended.
     last_end_ms: AtomicU64,
+    started: AtomicU64,
+    cancelled: AtomicU64,
+    /// Cancelled exchanges from which on, if they are half of all or more, the connection
+    /// is a reset flood.
+    flood_floor: u64,
+    /// Signalled when it is one.
+    flood: tokio::sync::Notify,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(flood_floor: u64) -> Self {
         Activity {
             born: tokio::time::Instant::now(),
             open: AtomicUsize::new(0),
             last_end_ms: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            flood_floor,
+            flood: tokio::sync::Notify::new(),
         }
     }
 
@@ -369,22 +395,49 @@ impl Activity {
 }
 
 /// One open exchange of a connection's [`Activity`].
-struct Busy(Arc<Activity>);
+struct Busy {
+    activity: Arc<Activity>,
+    answered: bool,
+}
 
 impl Busy {
     fn new(activity: &Arc<Activity>) -> Self {
         activity.open.fetch_add(1, Ordering::AcqRel);
-        Busy(activity.clone())
+        activity.started.fetch_add(1, Ordering::Relaxed);
+        Busy {
+            activity: activity.clone(),
+            answered: false,
+        }
+    }
+
+    /// The exchange has its answer; dropped before this, the client cancelled it.
+    fn answered(mut self) -> Self {
+        self.answered = true;
+        self
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        let a = &self.activity;
+        // HTTP/2 rapid reset (CVE-2023-44487): a client that opens streams and resets them at
+        // once stays under the concurrent stream limit, yet each stream still starts an
+        // upstream request, which the upstream goes on serving after ficus gives it up.
+        // h2 catches the resets that arrive before hyper accepts the stream; these are the
+        // ones after. A client that cancels at least half of many requests is closed.
+        if !self.answered {
+            let cancelled = a.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+            if cancelled >= a.flood_floor
+                && cancelled.saturating_mul(2) >= a.started.load(Ordering::Relaxed)
+            {
+                a.flood.notify_one();
+            }
+        }
         // The end time is stored before the count drops, so that whoever sees no exchange
         // open also sees when the last one ended.
-        let ms = u64::try_from(self.0.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.last_end_ms.fetch_max(ms, Ordering::AcqRel);
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        let ms = u64::try_from(a.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.last_end_ms.fetch_max(ms, Ordering::AcqRel);
+        a.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
