@@ -875,3 +875,47 @@ async fn an_h2_client_resetting_every_stream_is_disconnected() {
     let (status, _) = exchange(addr, &get("/public/x")).await;
     assert_eq!(status, 200);
 }
+
+/// On shutdown an HTTP/2 client is told with a GOAWAY, and its stream in flight is answered
+/// before the connection closes.
+#[tokio::test]
+async fn shutdown_sends_an_h2_client_goaway_and_finishes_its_stream() {
+    const SETTINGS: u8 = 4;
+    const HEADERS: u8 = 1;
+    const DATA: u8 = 0;
+    const GOAWAY: u8 = 7;
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        support::named_response("legacy", &req)
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    let mut s = TcpStream::connect(proxy.ficus.proxy_addr()).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    out.extend(h2_frame(HEADERS, 0x1 | 0x4, 1, &h2_get("/public/x")));
+    s.write_all(&out).await.unwrap();
+    assert!(support::eventually(Duration::from_secs(5), || async { legacy.count() == 1 }).await);
+
+    let support::TestProxy {
+        ficus, dir: _dir, ..
+    } = proxy;
+    let stopping = tokio::spawn(ficus.shutdown());
+    let frames = h2_read_to_close(&mut s, true, Duration::from_secs(10))
+        .await
+        .expect("the connection closes after its stream");
+    let goaway = frames
+        .iter()
+        .position(|(k, ..)| *k == GOAWAY)
+        .expect("GOAWAY sent");
+    let end = frames
+        .iter()
+        .position(|(k, flags, id, _)| (*k == DATA || *k == HEADERS) && *id == 1 && flags & 1 != 0)
+        .expect("the stream in flight is answered to its end");
+    assert!(goaway < end, "GOAWAY came first, then the answer");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown ends")
+        .unwrap();
+}
