@@ -219,7 +219,8 @@ struct LimitArgs {
     /// connection without an open stream.
     #[arg(long, env = "FICUS_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
-    /// Largest request head (HTTP/1.1) or header list (HTTP/2); more gets 431.
+    /// Largest request head (HTTP/1.1, at least 8 KiB: hyper's smallest read buffer) or
+    /// header list (HTTP/2); more gets 431.
     #[arg(long, env = "FICUS_MAX_HEADER_BYTES", value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
     max_header_bytes: usize,
     /// Most header fields in an HTTP/1.1 request; more gets 431 (HTTP/2 header lists are
