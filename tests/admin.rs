@@ -721,22 +721,9 @@ async fn the_cli_wraps_the_api() {
     assert!(err.contains("404"), "{err}");
 
     // A wrong token is a clear error, not a crash.
-    let (code, _, err) = tokio::task::spawn_blocking({
-        let admin = format!("http://{}", proxy.ficus.admin_addr());
-        move || {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
-                .args(["divergences", "list", "--admin", &admin, "--token", "wrong"])
-                .output()
-                .unwrap();
-            (
-                out.status.code().unwrap_or(-1),
-                (),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let (code, _, err) =
+        ficus_cli(&["divergences", "list", "--admin", &admin, "--token", "wrong"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("401"), "{err}");
 }
@@ -791,6 +778,25 @@ paths = ["/meta/**"]
 }
 
 /// A UUIDv7-shaped id at `ms` (Unix ms), unique by `n`: a record's time is read from its id.
+/// Runs the ficus binary with `args` (off the runtime's threads); its exit code, stdout and
+/// stderr.
+async fn ficus_cli(args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
 fn id_at(ms: u64, n: u16) -> String {
     let t = format!("{ms:012x}");
     format!("{}-{}-7000-8000-{n:012x}", &t[..8], &t[8..])
@@ -1964,28 +1970,17 @@ async fn the_cli_lists_what_a_selective_filter_finds_past_a_short_redis_page() {
         .collect();
     proxy.ficus.store().put(&newer).await.unwrap();
     let admin = format!("http://{}", proxy.ficus.admin_addr());
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
-            .args([
-                "divergences",
-                "list",
-                "--route",
-                "orders",
-                "--state",
-                "open",
-                "--admin",
-                &admin,
-            ])
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap();
+    let (code, out, err) = ficus_cli(&[
+        "divergences",
+        "list",
+        "--route",
+        "orders",
+        "--state",
+        "open",
+        "--admin",
+        &admin,
+    ])
+    .await;
     assert_eq!(code, 0, "{err}");
     for r in &open {
         assert!(out.contains(&r.id), "{} missing from:\n{out}", r.id);
@@ -2011,19 +2006,8 @@ async fn the_cli_says_when_group_counts_are_partial() {
         .collect();
     proxy.ficus.store().put(&copies).await.unwrap();
     let admin = format!("http://{}", proxy.ficus.admin_addr());
-    let (code, out, err) = tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
-            .args(["groups", "list", "--route", "orders", "--admin", &admin])
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
-    .await
-    .unwrap();
+    let (code, out, err) =
+        ficus_cli(&["groups", "list", "--route", "orders", "--admin", &admin]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("10000"), "{out}");
     assert!(

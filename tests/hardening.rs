@@ -631,16 +631,12 @@ async fn an_upgraded_connection_counts_against_max_connections() {
     // Once the WebSocket is closed, its place is free again.
     ws.close(None).await.unwrap();
     drop(ws);
-    let mut served = false;
-    for _ in 0..100 {
-        if let Some(buf) = send_and_read_to_end(addr, GET_CLOSE).await
-            && buf.starts_with(b"HTTP/1.1 200")
-        {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let served = support::eventually(Duration::from_secs(5), || async {
+        send_and_read_to_end(addr, GET_CLOSE)
+            .await
+            .is_some_and(|buf| buf.starts_with(b"HTTP/1.1 200"))
+    })
+    .await;
     assert!(served, "the WebSocket's permit is released when it closes");
 }
 

@@ -150,6 +150,17 @@ impl ProxyError {
         }
     }
 
+    /// Whether the answer goes out before the request body was read to its end: hyper then
+    /// closes the connection rather than read the rest.
+    pub fn leaves_body_unread(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BodyTooLarge { .. }
+                | ProxyError::ClientBody { .. }
+                | ProxyError::ClientBodyTimeout { .. }
+        )
+    }
+
     /// Whether the client, not an upstream, made the exchange fail.
     pub fn is_client(&self) -> bool {
         self.side().is_none()

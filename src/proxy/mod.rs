@@ -282,20 +282,15 @@ impl Proxy {
                 } else {
                     warn!(
                         error = %e,
-                    route = %route.name,
-                    side = side.as_str(),
-                    upstream = %upstream.name,
-                    request_id = request_id.to_str().unwrap_or_default(),
+                        route = %route.name,
+                        side = side.as_str(),
+                        upstream = %upstream.name,
+                        request_id = request_id.to_str().unwrap_or_default(),
                         "upstream request failed"
                     );
                 }
                 let mut resp = rescue(&e, &route.name, Some(&upstream.name), &request_id);
-                if matches!(
-                    e,
-                    ProxyError::BodyTooLarge { .. }
-                        | ProxyError::ClientBody { .. }
-                        | ProxyError::ClientBodyTimeout { .. }
-                ) {
+                if e.leaves_body_unread() {
                     announce_close(&mut resp, version);
                 }
                 resp

@@ -302,7 +302,7 @@ async fn serve_connection<S>(
     // limit for HTTP/2: a client answering PINGs would keep a connection without streams,
     // and its `--max-connections` slot, for ever. This one covers both (for HTTP/1.1 it
     // agrees with hyper's), and ends the connection as a shutdown does: GOAWAY, then close.
-    let idle = activity.idle_for(idle_limit, tokio::time::Instant::now());
+    let idle = activity.idle_for(idle_limit);
     let mut idle = std::pin::pin!(idle);
     let mut closing = false;
     let result = loop {
@@ -318,7 +318,7 @@ async fn serve_connection<S>(
                 debug!(peer = %conn.peer, limit = ?idle_limit, "idle connection; closing");
                 connection.as_mut().graceful_shutdown();
                 closing = true;
-                idle.set(activity.idle_for(idle_limit, tokio::time::Instant::now()));
+                idle.set(activity.idle_for(idle_limit));
             }
             () = activity.flood.notified() => {
                 // Not a GOAWAY: a graceful one lets a client that never answers its PING go
@@ -331,7 +331,7 @@ async fn serve_connection<S>(
             _ = drain.wait_for(|stop| *stop), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
-                idle.set(activity.idle_for(idle_limit, tokio::time::Instant::now()));
+                idle.set(activity.idle_for(idle_limit));
             }
         }
     };
@@ -373,10 +373,10 @@ impl Activity {
         }
     }
 
-    /// Resolves once the connection has had no exchange open for `limit`, counting from
-    /// `since` at the earliest.
-    async fn idle_for(&self, limit: Duration, since: tokio::time::Instant) {
-        let mut check = since + limit;
+    /// Resolves once the connection has had no exchange open for `limit`, counting from now
+    /// at the earliest.
+    async fn idle_for(&self, limit: Duration) {
+        let mut check = tokio::time::Instant::now() + limit;
         loop {
             tokio::time::sleep_until(check).await;
             let now = tokio::time::Instant::now();
