@@ -247,6 +247,10 @@ struct LimitArgs {
         default_value_t = 100
     )]
     h2_max_streams: u32,
+    /// Longest a client may leave an answer's next bytes unread (its socket or HTTP/2 window
+    /// full) before its connection is closed, freeing the upstream connection; 0 for none.
+    #[arg(long, env = "FICUS_CLIENT_SEND_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    client_send_timeout: Duration,
     /// Peers (CIDRs) whose X-Forwarded-For/-Proto/-Host are kept and extended, e.g. a load
     /// balancer's subnet; from anyone else they are replaced.
     #[arg(long, env = "FICUS_TRUSTED_PROXIES", value_name = "CIDR", value_delimiter = ',', value_parser = parse_net)]
@@ -489,6 +493,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_uri_bytes: limits.max_uri_bytes,
         max_request_body: limits.max_request_body.map(|n| n as u64),
         h2_max_streams: limits.h2_max_streams.max(1),
+        send_timeout: limits.client_send_timeout,
         trusted_proxies: limits.trusted_proxies,
     };
     runtime()?.block_on(ficus::run(config))?;

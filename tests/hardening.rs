@@ -915,3 +915,133 @@ async fn shutdown_sends_an_h2_client_goaway_and_finishes_its_stream() {
         .expect("shutdown ends")
         .unwrap();
 }
+
+/// A backend whose answer to every request is `chunks` 16 KiB chunks (`None`: without end),
+/// `gap` apart. The notify fires once the proxy stops taking them: it dropped the upstream
+/// body, and with it the upstream connection.
+async fn streaming_backend(
+    chunks: Option<usize>,
+    gap: Duration,
+) -> (Backend, std::sync::Arc<tokio::sync::Notify>) {
+    use http_body_util::BodyExt;
+    let freed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = freed.clone();
+    let backend = Backend::with_handler("legacy", move |_req| {
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok::<_, support::BoxError>(hyper::body::Frame::data(chunk)),
+                rx,
+            ))
+        });
+        let freed = notify.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while chunks.is_none_or(|n| sent < n) {
+                if tx.send(vec![b'x'; 16 << 10].into()).await.is_err() {
+                    freed.notify_one();
+                    return;
+                }
+                sent += 1;
+                tokio::time::sleep(gap).await;
+            }
+        });
+        async move {
+            http::Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(BodyExt::boxed(http_body_util::StreamBody::new(body)))
+                .unwrap()
+        }
+    })
+    .await;
+    (backend, freed)
+}
+
+/// A client that stops reading its answer held the answer's upstream connection for as
+/// long as it stayed connected (and its `--max-connections` slot): an HTTP/1.1 client by
+/// leaving its socket full, an HTTP/2 client by giving the stream no window.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_and_its_upstream_freed() {
+    const SETTINGS: u8 = 4;
+    const HEADERS: u8 = 1;
+    const DATA: u8 = 0;
+    const INITIAL_WINDOW_SIZE: u16 = 4;
+    let (legacy, freed) = streaming_backend(None, Duration::ZERO).await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| {
+        c.limits.send_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let addr = proxy.ficus.proxy_addr();
+    let within = |what: &'static str| {
+        let freed = freed.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), freed.notified())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: the upstream body was still held 10 s later"));
+        }
+    };
+
+    // HTTP/1.1: the answer starts, then the client reads nothing more.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&get("/public/endless")).await.unwrap();
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "answered");
+    within("HTTP/1.1").await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the HTTP/1.1 connection was still open 10 s later"
+    );
+
+    // HTTP/2: a window of 0 for every stream; the head comes, no data can.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let mut window = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+    window.extend(0u32.to_be_bytes());
+    out.extend(h2_frame(SETTINGS, 0, 0, &window));
+    out.extend(h2_frame(HEADERS, 0x1 | 0x4, 1, &h2_get("/public/endless")));
+    s.write_all(&out).await.unwrap();
+    within("HTTP/2").await;
+    let frames = h2_read_to_close(&mut s, true, Duration::from_secs(10))
+        .await
+        .expect("the HTTP/2 connection was still open 10 s later");
+    assert!(frames.iter().any(|(k, _, id, _)| *k == HEADERS && *id == 1));
+    assert!(!frames.iter().any(|(k, _, id, _)| *k == DATA && *id == 1));
+
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("ficus_requests_rejected_total{reason=\"client_send_timeout\"} 2"),
+        "both counted"
+    );
+
+    // Other clients are served as before.
+    let (status, _) = exchange(addr, &get("/admin/x")).await;
+    assert_eq!(status, 200);
+}
+
+/// The send timeout counts only the client's silence: an answer whose upstream pauses
+/// longer than it between chunks reaches a reading client whole, over both protocols.
+#[tokio::test]
+async fn a_slow_upstream_answer_is_not_cut_by_the_send_timeout() {
+    let (legacy, _) = streaming_backend(Some(5), Duration::from_millis(250)).await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| {
+        c.limits.send_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let h1 = support::client();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (client, version) in [(h1, http::Version::HTTP_11), (h2, http::Version::HTTP_2)] {
+        let resp = client.get(proxy.url("/public/slow")).send().await.unwrap();
+        assert_eq!(resp.version(), version);
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(body.len(), 5 * (16 << 10), "{version:?}: the whole answer");
+    }
+}

@@ -47,6 +47,11 @@ pub struct Limits {
     pub max_request_body: Option<u64>,
     /// Concurrent streams per HTTP/2 connection.
     pub h2_max_streams: u32,
+    /// Longest a client may leave an answer's next bytes unread (HTTP/1.1: its socket full;
+    /// HTTP/2: its flow-control window shut) before its connection is closed, as nginx's
+    /// `send_timeout`; otherwise a client that never reads holds the exchange's upstream
+    /// connection for ever. Zero: no limit.
+    pub send_timeout: Duration,
     /// Peers whose `X-Forwarded-*` headers are kept and extended rather than replaced.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -61,6 +66,7 @@ impl Default for Limits {
             max_uri_bytes: 8 << 10,
             max_request_body: None,
             h2_max_streams: 100,
+            send_timeout: Duration::from_secs(60),
             trusted_proxies: Vec::new(),
         }
     }
@@ -276,6 +282,7 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let idle_limit = proxy.limits().header_read_timeout;
+    let send_limit = proxy.limits().send_timeout;
     let streams = u64::from(proxy.limits().h2_max_streams);
     let activity = Arc::new(Activity::new((2 * streams).max(RESET_FLOOD_FLOOR)));
     let tracker = activity.clone();
@@ -293,7 +300,7 @@ async fn serve_connection<S>(
         async move {
             let resp = proxy.handle(req, conn).await;
             let busy = busy.answered();
-            Ok::<_, std::convert::Infallible>(resp.map(|inner| Tracked { inner, _busy: busy }))
+            Ok::<_, std::convert::Infallible>(resp.map(|inner| Tracked::new(inner, busy)))
         }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -304,6 +311,8 @@ async fn serve_connection<S>(
     // agrees with hyper's), and ends the connection as a shutdown does: GOAWAY, then close.
     let idle = activity.idle_for(idle_limit);
     let mut idle = std::pin::pin!(idle);
+    let unread = activity.unread_for(send_limit);
+    let mut unread = std::pin::pin!(unread);
     let mut closing = false;
     let result = loop {
         tokio::select! {
@@ -319,6 +328,15 @@ async fn serve_connection<S>(
                 connection.as_mut().graceful_shutdown();
                 closing = true;
                 idle.set(activity.idle_for(idle_limit));
+            }
+            () = &mut unread => {
+                // Not a GOAWAY either: the stream left unread would keep a graceful close
+                // waiting as long as the client likes. Dropping the connection drops the
+                // answers' upstream bodies, and with them their upstream connections.
+                ::metrics::counter!(crate::telemetry::REQUESTS_REJECTED_TOTAL, "reason" => "client_send_timeout")
+                    .increment(1);
+                debug!(peer = %conn.peer, limit = ?send_limit, "client left its answer unread; closing the connection");
+                return;
             }
             () = activity.flood.notified() => {
                 // Not a GOAWAY: a graceful one lets a client that never answers its PING go
@@ -358,6 +376,11 @@ struct Activity {
     flood_floor: u64,
     /// Signalled when it is one.
     flood: tokio::sync::Notify,
+    /// Answer bodies that hyper has been given (the head, or a frame) and has not yet asked
+    /// for more, by the parity of the check period in which they were given it.
+    unread: [AtomicUsize; 2],
+    /// Check periods of [`Activity::unread_for`] begun.
+    period: AtomicUsize,
 }
 
 impl Activity {
@@ -370,6 +393,41 @@ impl Activity {
             cancelled: AtomicU64::new(0),
             flood_floor,
             flood: tokio::sync::Notify::new(),
+            unread: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            period: AtomicUsize::new(0),
+        }
+    }
+
+    /// Marks an answer body as waiting for hyper to ask for its next frame; returns the mark
+    /// to give back when it does.
+    fn wait_unread(&self) -> usize {
+        let mark = self.period.load(Ordering::Acquire) & 1;
+        self.unread[mark].fetch_add(1, Ordering::AcqRel);
+        mark
+    }
+
+    fn read(&self, mark: usize) {
+        self.unread[mark].fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Resolves once an answer body has waited at least `limit` (and at most twice that) for
+    /// hyper to ask for its next frame. hyper asks as soon as it has sent the last one, unless
+    /// the client does not read: an HTTP/1.1 client's socket is full, or an HTTP/2 client
+    /// gives the stream no window. A body waiting on its upstream is asked already, so a slow
+    /// upstream never counts here. Never resolves for a zero `limit`.
+    async fn unread_for(&self, limit: Duration) {
+        if limit.is_zero() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(limit).await;
+            let period = self.period.load(Ordering::Acquire);
+            // Marks of the period before the current one: given at least `limit` ago. Checked
+            // before the new period begins, so none of its own marks land there first.
+            if self.unread[(period + 1) & 1].load(Ordering::Acquire) > 0 {
+                return;
+            }
+            self.period.store(period.wrapping_add(1), Ordering::Release);
         }
     }
 
@@ -441,10 +499,33 @@ impl Drop for Busy {
     }
 }
 
-/// A response body that keeps its exchange counted as open until it is done or dropped.
+/// A response body that keeps its exchange counted as open until it is done or dropped, and
+/// marked as unread from the moment it is handed to hyper (with its head) or has handed hyper
+/// a frame, until hyper asks for the next one.
 struct Tracked<B> {
     inner: B,
-    _busy: Busy,
+    busy: Busy,
+    unread: Option<usize>,
+}
+
+impl<B: hyper::body::Body> Tracked<B> {
+    fn new(inner: B, busy: Busy) -> Self {
+        // An empty body is never asked for (hyper ends the answer with its head).
+        let unread = (!inner.is_end_stream()).then(|| busy.activity.wait_unread());
+        Tracked {
+            inner,
+            busy,
+            unread,
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if let Some(mark) = self.unread.take() {
+            self.busy.activity.read(mark);
+        }
+    }
 }
 
 impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
@@ -455,7 +536,17 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        if let Some(mark) = this.unread.take() {
+            this.busy.activity.read(mark);
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled
+            && !this.inner.is_end_stream()
+        {
+            this.unread = Some(this.busy.activity.wait_unread());
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
