@@ -1045,3 +1045,112 @@ async fn a_slow_upstream_answer_is_not_cut_by_the_send_timeout() {
         assert_eq!(body.len(), 5 * (16 << 10), "{version:?}: the whole answer");
     }
 }
+
+/// Resident memory of a process, from `/proc`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// An HTTP/2 client that opens its windows wide and then reads nothing got every stream's
+/// answer buffered in ficus up to hyper's default of 400 KiB a stream: one such connection of
+/// 100 streams grew ficus by about 134 MiB, so a few dozen of them could exhaust a replica's
+/// memory. ficus runs as its own process here, so that its resident memory is its own.
+#[tokio::test]
+async fn an_h2_client_that_reads_nothing_costs_bounded_memory() {
+    const SETTINGS: u8 = 4;
+    const HEADERS: u8 = 1;
+    const WINDOW_UPDATE: u8 = 8;
+    const INITIAL_WINDOW_SIZE: u16 = 4;
+    const STREAMS: u32 = 100;
+    let (legacy, _) = streaming_backend(None, Duration::ZERO).await;
+    let new = Backend::start("new").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+    let port = support::free_port();
+    let admin = support::free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
+        .arg("serve")
+        .arg("--rules")
+        .arg(dir.path())
+        .args([
+            "--legacy",
+            &legacy.url().to_string(),
+            "--new",
+            &new.url().to_string(),
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .arg("--store")
+        .arg(format!("sqlite:{}", dir.path().join("r.db").display()))
+        .arg("--spool-dir")
+        .arg(dir.path().join("spool"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
+    let pid = child.0.id();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        support::eventually(Duration::from_secs(20), || async {
+            TcpStream::connect(addr).await.is_ok()
+        })
+        .await,
+        "ficus never listened"
+    );
+    assert_eq!(exchange(addr, &get("/admin/x")).await.0, 200);
+    let before = rss_bytes(pid);
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let mut window = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+    window.extend((i32::MAX as u32).to_be_bytes());
+    out.extend(h2_frame(SETTINGS, 0, 0, &window));
+    out.extend(h2_frame(
+        WINDOW_UPDATE,
+        0,
+        0,
+        &(i32::MAX as u32 - 65_535).to_be_bytes(),
+    ));
+    for id in (1..).step_by(2).take(STREAMS as usize) {
+        out.extend(h2_frame(HEADERS, 0x1 | 0x4, id, &h2_get("/public/endless")));
+    }
+    s.write_all(&out).await.unwrap();
+
+    // The buffers fill within a second or so; watch until the memory stops growing.
+    let mut peak = before;
+    let mut steady = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss_bytes(pid);
+        if now > peak {
+            peak = now;
+            steady = 0;
+        } else {
+            steady += 1;
+            if steady >= 20 {
+                break;
+            }
+        }
+    }
+    let grown = peak.saturating_sub(before) >> 20;
+    assert!(
+        grown < 64,
+        "one HTTP/2 connection of {STREAMS} unread streams grew ficus by {grown} MiB"
+    );
+    drop(s);
+}

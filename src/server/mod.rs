@@ -23,6 +23,9 @@ use tracing::{debug, info, warn};
 
 use crate::proxy::{ConnInfo, Proxy};
 
+/// Most bytes of an answer buffered per HTTP/2 stream ahead of the socket.
+const H2_STREAM_SEND_BUFFER: usize = 64 << 10;
+
 /// Time a client gets to finish a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -178,6 +181,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_send_buf_size(H2_STREAM_SEND_BUFFER)
         // Dead peers are found by PING and their connection closed.
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
