@@ -1057,100 +1057,158 @@ fn rss_bytes(pid: u32) -> u64 {
     kib << 10
 }
 
+/// ficus as its own process (so that its resident memory is its own) in front of a legacy
+/// backend whose answers never end, killed when dropped.
+struct SpawnedFicus {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    _backends: (Backend, Backend),
+}
+
+impl Drop for SpawnedFicus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SpawnedFicus {
+    async fn start() -> SpawnedFicus {
+        let (legacy, _) = streaming_backend(None, Duration::ZERO).await;
+        let new = Backend::start("new").await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
+        let port = support::free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
+            .arg("serve")
+            .arg("--rules")
+            .arg(dir.path())
+            .args(["--legacy", &legacy.url().to_string()])
+            .args(["--new", &new.url().to_string()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--admin-listen",
+                &format!("127.0.0.1:{}", support::free_port()),
+            ])
+            .arg("--store")
+            .arg(format!("sqlite:{}", dir.path().join("r.db").display()))
+            .arg("--spool-dir")
+            .arg(dir.path().join("spool"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let ficus = SpawnedFicus {
+            child,
+            addr,
+            _dir: dir,
+            _backends: (legacy, new),
+        };
+        assert!(
+            support::eventually(Duration::from_secs(20), || async {
+                TcpStream::connect(addr).await.is_ok()
+            })
+            .await,
+            "ficus never listened"
+        );
+        assert_eq!(exchange(addr, &get("/admin/x")).await.0, 200);
+        ficus
+    }
+
+    /// How much ficus's resident memory grew while `attack` ran and its buffers filled,
+    /// in MiB. The sockets `attack` returns stay open, unread, until then.
+    async fn growth_under<F, Fut>(&self, attack: F) -> u64
+    where
+        F: FnOnce(SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = Vec<TcpStream>>,
+    {
+        let pid = self.child.id();
+        let before = rss_bytes(pid);
+        let sockets = attack(self.addr).await;
+        // The buffers fill within a second or so; watch until the memory stops growing.
+        let mut peak = before;
+        let mut steady = 0;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = rss_bytes(pid);
+            if now > peak {
+                peak = now;
+                steady = 0;
+            } else {
+                steady += 1;
+                if steady >= 20 {
+                    break;
+                }
+            }
+        }
+        drop(sockets);
+        peak.saturating_sub(before) >> 20
+    }
+}
+
+/// A client socket that takes in little before its window closes.
+async fn small_window_connect(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
 /// An HTTP/2 client that opens its windows wide and then reads nothing got every stream's
-/// answer buffered in ficus up to hyper's default of 400 KiB a stream: one such connection of
-/// 100 streams grew ficus by about 134 MiB, so a few dozen of them could exhaust a replica's
-/// memory. ficus runs as its own process here, so that its resident memory is its own.
+/// answer buffered in ficus up to hyper's default of 400 KiB a stream, and each stream's
+/// upstream read buffer grew to as much again: one such connection of 100 streams grew ficus
+/// by about 134 MiB (release build), so a few dozen of them could take a replica's memory.
 #[tokio::test]
 async fn an_h2_client_that_reads_nothing_costs_bounded_memory() {
     const SETTINGS: u8 = 4;
     const HEADERS: u8 = 1;
     const WINDOW_UPDATE: u8 = 8;
     const INITIAL_WINDOW_SIZE: u16 = 4;
-    const STREAMS: u32 = 100;
-    let (legacy, _) = streaming_backend(None, Duration::ZERO).await;
-    let new = Backend::start("new").await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("rules.toml"), RULES).unwrap();
-    let port = support::free_port();
-    let admin = support::free_port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ficus"))
-        .arg("serve")
-        .arg("--rules")
-        .arg(dir.path())
-        .args([
-            "--legacy",
-            &legacy.url().to_string(),
-            "--new",
-            &new.url().to_string(),
-        ])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .arg("--store")
-        .arg(format!("sqlite:{}", dir.path().join("r.db").display()))
-        .arg("--spool-dir")
-        .arg(dir.path().join("spool"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let child = Kill(child);
-    let pid = child.0.id();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(
-        support::eventually(Duration::from_secs(20), || async {
-            TcpStream::connect(addr).await.is_ok()
-        })
-        .await,
-        "ficus never listened"
-    );
-    assert_eq!(exchange(addr, &get("/admin/x")).await.0, 200);
-    let before = rss_bytes(pid);
-
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut s = socket.connect(addr).await.unwrap();
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    let mut window = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
-    window.extend((i32::MAX as u32).to_be_bytes());
-    out.extend(h2_frame(SETTINGS, 0, 0, &window));
-    out.extend(h2_frame(
-        WINDOW_UPDATE,
-        0,
-        0,
-        &(i32::MAX as u32 - 65_535).to_be_bytes(),
-    ));
-    for id in (1..).step_by(2).take(STREAMS as usize) {
-        out.extend(h2_frame(HEADERS, 0x1 | 0x4, id, &h2_get("/public/endless")));
-    }
-    s.write_all(&out).await.unwrap();
-
-    // The buffers fill within a second or so; watch until the memory stops growing.
-    let mut peak = before;
-    let mut steady = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = rss_bytes(pid);
-        if now > peak {
-            peak = now;
-            steady = 0;
-        } else {
-            steady += 1;
-            if steady >= 20 {
-                break;
+    const STREAMS: usize = 100;
+    let ficus = SpawnedFicus::start().await;
+    let grown = ficus
+        .growth_under(|addr| async move {
+            let mut s = small_window_connect(addr).await;
+            let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            let mut window = INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+            window.extend((i32::MAX as u32).to_be_bytes());
+            out.extend(h2_frame(SETTINGS, 0, 0, &window));
+            let more = i32::MAX as u32 - 65_535;
+            out.extend(h2_frame(WINDOW_UPDATE, 0, 0, &more.to_be_bytes()));
+            for id in (1..).step_by(2).take(STREAMS) {
+                out.extend(h2_frame(HEADERS, 0x1 | 0x4, id, &h2_get("/public/endless")));
             }
-        }
-    }
-    let grown = peak.saturating_sub(before) >> 20;
+            s.write_all(&out).await.unwrap();
+            vec![s]
+        })
+        .await;
     assert!(
         grown < 64,
         "one HTTP/2 connection of {STREAMS} unread streams grew ficus by {grown} MiB"
     );
-    drop(s);
+}
+
+/// The same over HTTP/1.1: each connection whose client reads nothing held the upstream
+/// connection's read buffer, grown to about 400 KiB, and the chunks read into it; 100 such
+/// connections grew ficus by about 112 MiB (release build), and `--max-connections` allows
+/// 10,000.
+#[tokio::test]
+async fn http1_clients_that_read_nothing_cost_bounded_memory() {
+    const CONNECTIONS: usize = 100;
+    let ficus = SpawnedFicus::start().await;
+    let grown = ficus
+        .growth_under(|addr| async move {
+            let mut sockets = Vec::new();
+            for _ in 0..CONNECTIONS {
+                let mut s = small_window_connect(addr).await;
+                s.write_all(&get("/public/endless")).await.unwrap();
+                sockets.push(s);
+            }
+            sockets
+        })
+        .await;
+    assert!(
+        grown < 64,
+        "{CONNECTIONS} HTTP/1.1 connections left unread grew ficus by {grown} MiB"
+    );
 }

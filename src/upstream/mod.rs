@@ -76,6 +76,11 @@ impl Upstream {
 /// What [`Upstream::request`] returns.
 pub type ResponseFuture = hyper_util::client::legacy::ResponseFuture;
 
+/// Largest read buffer of an upstream connection (hyper's default is about 400 KiB). Each
+/// read of an answer body that the client is slow to take is held until it has been sent: a
+/// client that reads nothing held up to a megabyte per connection.
+const UPSTREAM_READ_BUFFER: usize = 64 << 10;
+
 thread_local! {
     /// Clients of this thread, by (cache id, connect timeout). A list, not a map: it holds
     /// one entry per distinct connect timeout (usually one or two), and it is searched on
@@ -171,6 +176,7 @@ impl ClientCache {
         Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(self.pool_idle_timeout)
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
             .build(https)
     }
 
