@@ -124,6 +124,44 @@ async fn upstream_down_gives_502_with_json() {
     );
 }
 
+/// An upstream whose answer head is larger than ficus reads (64 KiB and a read) gets a 502
+/// that says so; the message used to end at hyper-util's outer layer, "client error
+/// (SendRequest)", and a refused connection at "client error (Connect)".
+#[tokio::test]
+async fn an_upstream_answer_head_too_large_is_a_502_that_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = s.read(&mut buf).await;
+                let pad = "a".repeat(40_000);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: {pad}\r\nx-b: {pad}\r\nx-c: {pad}\r\n\r\nok"
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+            });
+        }
+    });
+    let new = Backend::start("new").await;
+    let legacy = format!("http://{addr}").parse().unwrap();
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+    let resp = client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = error_json(resp).await;
+    assert_eq!(body["error"], "upstream_error");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("message head is too large"), "{message}");
+
+    let legacy = format!("http://{}", dead_addr()).parse().unwrap();
+    let proxy = TestProxy::start(ANY_TO_LEGACY, legacy, new.url()).await;
+    let resp = client().get(proxy.url("/x")).send().await.unwrap();
+    let message = error_json(resp).await["message"].to_string();
+    assert!(message.contains("refused"), "{message}");
+}
+
 #[tokio::test]
 async fn slow_upstream_gives_504_with_json() {
     let legacy = Backend::with_handler("legacy", |_req| async {

@@ -42,6 +42,20 @@ pub enum ProxyError {
     UnsupportedTransferCoding(String),
 }
 
+/// hyper-util's errors name only their outer layer ("client error (SendRequest)"): the
+/// client's message and the log get the whole chain, down to what went wrong (a refused
+/// connection, an answer head over the 64 KiB read buffer).
+fn with_causes(e: &hyper_util::client::legacy::Error) -> BoxError {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message.into()
+}
+
 impl ProxyError {
     /// Classifies a client error from hyper-util by walking its source chain.
     pub fn from_client(side: Side, e: hyper_util::client::legacy::Error) -> ProxyError {
@@ -69,7 +83,7 @@ impl ProxyError {
             }
             return ProxyError::Connect {
                 side,
-                source: Box::new(e),
+                source: with_causes(&e),
             };
         }
         let mut source = e.source();
@@ -82,14 +96,14 @@ impl ProxyError {
             {
                 return ProxyError::Reset {
                     side,
-                    source: Box::new(e),
+                    source: with_causes(&e),
                 };
             }
             source = s.source();
         }
         ProxyError::Upstream {
             side,
-            source: Box::new(e),
+            source: with_causes(&e),
         }
     }
 
