@@ -2054,3 +2054,98 @@ async fn a_class_set_with_stray_spaces_is_the_class_itself() {
         .unwrap();
     assert_eq!(cleared["class"], Value::Null, "{cleared}");
 }
+
+/// A replay goes without the redacted `authorization`: upstreams that check it refuse it on
+/// both sides alike. Two identical 401s are no evidence that the divergence is gone; resolving
+/// on them would close a defect nobody fixed and lift its block on the verdict.
+#[tokio::test]
+async fn a_replay_that_only_matches_on_a_refusal_resolves_nothing() {
+    let authed = |name: &'static str, total: u32| {
+        Backend::with_handler(name, move |req| {
+            let signed_in = req.headers().contains_key("authorization");
+            async move {
+                let (status, body) = if signed_in {
+                    (200, json!({"total": total}))
+                } else {
+                    (401, json!({"error": "sign in"}))
+                };
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(full(body.to_string()))
+                    .unwrap()
+            }
+        })
+    };
+    let (legacy, new) = (authed("legacy", 1).await, authed("new", 2).await);
+    let rules = "[[route]]\nname = \"replay-authed\"\n[route.shadow]\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    c.get(proxy.url("/api/statements/1"))
+        .header("authorization", "Bearer user-secret")
+        .send()
+        .await
+        .unwrap();
+    let id = proxy.wait_records(1).await[0].id.clone();
+    let resp = c
+        .patch(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .json(&json!({"class": "defect"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let resp = c
+        .post(proxy.admin_url(&format!("/api/divergences/{id}/replay")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["legacy"]["status"], 401, "{answer}");
+    assert_eq!(answer["match"], true, "both sides refused alike: {answer}");
+    assert_eq!(answer["reproduced"], false, "{answer}");
+    assert!(
+        answer["unconfirmed"].as_str().unwrap().contains("401"),
+        "{answer}"
+    );
+    assert_eq!(
+        answer["record"]["state"], "open",
+        "a match on two refusals resolved the defect: {answer}"
+    );
+    let history = answer["record"]["history"].as_array().unwrap();
+    assert_eq!(history.last().unwrap()["what"]["replay"], "matched");
+    let report = proxy.report().await;
+    let route = report["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "replay-authed")
+        .cloned()
+        .unwrap();
+    assert_eq!(route["divergences"]["open_defects"], 1, "{route}");
+
+    // The same in a group, and from the CLI: neither says "resolved".
+    let fp = proxy.records().await[0].fingerprint.clone();
+    let group: Value = c
+        .post(proxy.admin_url(&format!("/api/groups/{fp}/replay")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&group["matched"], &group["unconfirmed"], &group["replayed"]),
+        (&json!(0), &json!(1), &json!(1)),
+        "{group}"
+    );
+    assert_eq!(group["results"][0]["outcome"], "unconfirmed", "{group}");
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let (code, out, err) = ficus_cli(&["divergences", "replay", &id, "--admin", &admin]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("is resolved"), "{out}");
+    assert!(out.contains("stays open"), "{out}");
+    let stored = proxy.ficus.store().get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.state, ficus::record::State::Open);
+}

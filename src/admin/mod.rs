@@ -684,6 +684,19 @@ async fn replay_record(
     }
     let matched = comparison.is_match();
     let outcome = if matched { "matched" } else { "still diverges" };
+    // A match is evidence only when the replay reproduced the recorded exchange. The replay
+    // goes without the redacted credentials (`authorization`, `cookie`), and the resource may
+    // be gone or the write already done: both sides then agree on a 401, 404 or 409, which
+    // says nothing about the divergence, and resolving on it would close a defect (and lift
+    // its block on the verdict) that nobody fixed. Legacy is the reference: it must answer
+    // the replay as it answered the recorded request.
+    let (replayed_status, recorded_status) = (legacy.0.status.as_u16(), record.legacy.status);
+    let reproduced = replayed_status == recorded_status;
+    let unconfirmed = (matched && !reproduced).then(|| {
+        format!(
+            "legacy answered the replay {replayed_status}, the recorded request {recorded_status}: the match does not show the divergence is gone"
+        )
+    });
     let (who, at) = (
         who.0.clone(),
         humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -692,9 +705,12 @@ async fn replay_record(
     // written, so a state or note set meanwhile is kept. A match resolves the record, except
     // one marked expected: an expected divergence leaves the rate, a resolved one counts (it
     // did diverge), so resolving it would make the route look worse for a match.
+    let why_unconfirmed = unconfirmed.clone();
     let change: crate::store::RecordChange = Arc::new(move |r: &mut crate::record::Record| {
         let mut what = json!({ "replay": outcome });
-        if matched && r.state != RecordState::Expected {
+        if let Some(why) = &why_unconfirmed {
+            what["unconfirmed"] = json!(why);
+        } else if matched && r.state != RecordState::Expected {
             r.state = RecordState::Resolved;
             what["state"] = json!("resolved");
             what["resolution"] = json!("replay matched");
@@ -729,6 +745,8 @@ async fn replay_record(
     };
     Ok(json!({
         "match": matched,
+        "reproduced": reproduced,
+        "unconfirmed": unconfirmed,
         "diffs": comparison.diffs,
         "legacy": {"status": legacy.0.status.as_u16()},
         "new": {"status": new.0.status.as_u16()},
@@ -1232,7 +1250,14 @@ async fn replay_group(
     }
     let allow_writes = q.allow_writes.unwrap_or(false);
     let mut results = Vec::with_capacity(records.len());
-    let [mut matched, mut diverged, mut failed, mut sent, mut skipped] = [0u64; 5];
+    let [
+        mut matched,
+        mut unconfirmed,
+        mut diverged,
+        mut failed,
+        mut sent,
+        mut skipped,
+    ] = [0u64; 6];
     for record in records {
         let id = record.id.clone();
         let method = record.request.method.clone();
@@ -1244,6 +1269,11 @@ async fn replay_group(
             continue;
         }
         match replay_record(&state, &who, record, true).await {
+            Ok(answer) if answer["match"] == true && answer["unconfirmed"].is_string() => {
+                unconfirmed += 1;
+                results.push(json!({"id": id, "method": method, "outcome": "unconfirmed",
+                    "match": true, "message": answer["unconfirmed"]}));
+            }
             Ok(answer) if answer["match"] == true => {
                 matched += 1;
                 results
@@ -1268,8 +1298,9 @@ async fn replay_group(
     }
     Json(json!({
         "fingerprint": fingerprint,
-        "replayed": matched + diverged,
+        "replayed": matched + unconfirmed + diverged,
         "matched": matched,
+        "unconfirmed": unconfirmed,
         "still_diverged": diverged,
         "failed": failed,
         "failed_after_sending": sent,

@@ -411,7 +411,7 @@ async function groupsView(_arg, params) {
       if (!allow) { say('Replay cancelled.'); return; }
     }
     say('Replaying…');
-    const t = { replayed: 0, matched: 0, still_diverged: 0, failed: 0, failed_after_sending: 0, skipped_writes: 0 };
+    const t = { replayed: 0, matched: 0, unconfirmed: 0, still_diverged: 0, failed: 0, failed_after_sending: 0, skipped_writes: 0 };
     const reasons = new Set();
     try {
       for (const fp of fps) {
@@ -421,6 +421,7 @@ async function groupsView(_arg, params) {
       }
       await render();
       const parts = [`${t.matched} matched`, `${t.still_diverged} still diverge`];
+      if (t.unconfirmed) parts.push(`${t.unconfirmed} matched on an answer legacy did not give the recorded request (left as they were)`);
       if (t.failed) parts.push(`${t.failed} failed (${[...reasons].join('; ')})`);
       if (t.failed_after_sending) parts.push(`${t.failed_after_sending} of those after a request went out: replaying them again repeats it`);
       if (t.skipped_writes) parts.push(`${t.skipped_writes} write(s) skipped`);
@@ -696,7 +697,11 @@ async function divergenceView(id) {
     try {
       const out = await api('/api/divergences/' + encodeURIComponent(r.id) + '/replay' + (allow ? '?allow_writes=true' : ''), { method: 'POST' });
       await render();
-      say(out.match ? 'Replay matched: the divergence is resolved.' : `Replay still diverges (${out.diffs.length} difference(s)).`);
+      let msg = `Replay still diverges (${out.diffs.length} difference(s)).`;
+      if (out.match && out.unconfirmed) msg = `Replay matched, but ${out.unconfirmed}; the divergence stays ${out.record.state}.`;
+      else if (out.match && out.record.state === 'resolved') msg = 'Replay matched: the divergence is resolved.';
+      else if (out.match) msg = `Replay matched; the divergence stays ${out.record.state}.`;
+      say(msg);
     } catch (e) { if (e.status !== 401) say('Replay failed: ' + e.message, true); }
   };
   const curl = curlCommand(r);
