@@ -254,6 +254,7 @@ impl Ficus {
             tokens: config.admin_tokens.clone(),
             reload: reload_now,
             metrics: metrics.clone(),
+            replaying: Default::default(),
         });
         {
             // Fleet-wide overrides live in the store; every replica syncs them each second.

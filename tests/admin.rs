@@ -2149,3 +2149,91 @@ async fn a_replay_that_only_matches_on_a_refusal_resolves_nothing() {
     let stored = proxy.ficus.store().get(&id).await.unwrap().unwrap();
     assert_eq!(stored.state, ficus::record::State::Open);
 }
+
+/// A second replay of a record sent while the first still waits on the upstreams (a double
+/// click, a script retrying after its own timeout) must not send the request again: for a
+/// write, that is one more write on each side.
+#[tokio::test]
+async fn a_record_is_not_replayed_twice_at_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let legacy = diverging("legacy", 1).await;
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let replays = Arc::new(AtomicUsize::new(0));
+    let (gate, seen) = (release.clone(), replays.clone());
+    let new = Backend::with_handler("new", move |req| {
+        let replay = req.headers().contains_key("x-ficus-replay");
+        let (gate, seen) = (gate.clone(), seen.clone());
+        async move {
+            if replay {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _permit = gate.acquire().await.unwrap();
+            }
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(json!({"total": 2}).to_string()))
+                .unwrap()
+        }
+    })
+    .await;
+    let rules = "[[route]]\nname = \"replay-once\"\n[route.shadow]\nwrites = true\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    c.post(proxy.url("/api/payments"))
+        .body("{\"amount\": 10}")
+        .send()
+        .await
+        .unwrap();
+    let record = proxy.wait_records(1).await.remove(0);
+    let url = proxy.admin_url(&format!(
+        "/api/divergences/{}/replay?allow_writes=true",
+        record.id
+    ));
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.post(url).send().await.unwrap().status() }
+    });
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            replays.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "the first replay never reached the new side"
+    );
+    let legacy_calls = legacy.count();
+    // Refused at once; sent to the upstreams, it would wait on the held new side.
+    let second = tokio::time::timeout(std::time::Duration::from_secs(10), c.post(&url).send())
+        .await
+        .expect("the second replay went out too: it waits on the upstream")
+        .unwrap();
+    assert_eq!(second.status(), 409);
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"], "replay_in_progress", "{body}");
+    assert!(body.get("sent").is_none(), "{body}");
+    let group: Value = c
+        .post(proxy.admin_url(&format!(
+            "/api/groups/{}/replay?allow_writes=true",
+            record.fingerprint
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        group["results"][0]["error"], "replay_in_progress",
+        "{group}"
+    );
+    assert_eq!(legacy.count(), legacy_calls, "the write went out again");
+    assert_eq!(
+        replays.load(Ordering::SeqCst),
+        1,
+        "the write went out again"
+    );
+
+    release.add_permits(10);
+    assert_eq!(first.await.unwrap(), 200);
+    // Once it has answered, the record can be replayed again.
+    assert_eq!(c.post(&url).send().await.unwrap().status(), 200);
+}

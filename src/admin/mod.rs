@@ -39,6 +39,41 @@ pub struct AdminState {
     pub reload: Reload,
     /// Renders the Prometheus exposition; `None` if another recorder owns the process.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Ids of the records this replica is replaying (see [`ReplayClaim`]).
+    pub replaying: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// One record's replay in flight on this replica. A second replay of that record sent
+/// meanwhile (a double click, a script's retry after its own timeout, a group replay that
+/// crosses a single one) would send the request again to both sides, a write too, before the
+/// first has even told what happened: it is refused instead, until the first one ends.
+struct ReplayClaim<'a> {
+    held: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    id: String,
+}
+
+impl<'a> ReplayClaim<'a> {
+    fn take(
+        held: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+        id: &str,
+    ) -> Option<ReplayClaim<'a>> {
+        let mut ids = held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ids.insert(id.to_string()).then(|| ReplayClaim {
+            held,
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for ReplayClaim<'_> {
+    fn drop(&mut self) {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 /// The caller, as the token named it.
@@ -594,6 +629,17 @@ async fn replay_record(
             StatusCode::CONFLICT,
             "unreplayable",
             "the recorded path is not a valid URI",
+        ));
+    };
+    // Held until the outcome is written to the record.
+    let Some(_claim) = ReplayClaim::take(&state.replaying, &record.id) else {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "replay_in_progress",
+            format!(
+                "divergence `{}` is being replayed already; its outcome will be in the record's history",
+                record.id
+            ),
         ));
     };
     let mut answers = Vec::with_capacity(2);
