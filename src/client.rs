@@ -161,8 +161,15 @@ async fn call_ok(
 ) -> Result<Value> {
     let (status, value) = call(admin, method, path, body).await?;
     if !status.is_success() {
+        // A replay that failed after its request went out may have been processed there: the
+        // operator must not take the error for "nothing happened" and replay (a write) again.
+        let sent = if value["sent"] == true {
+            "; the request had already gone out to an upstream and may have been processed there: replaying it again repeats it"
+        } else {
+            ""
+        };
         bail!(
-            "{status}: {} ({})",
+            "{status}: {} ({}){sent}",
             value["message"].as_str().unwrap_or("no message"),
             value["error"].as_str().unwrap_or("error")
         );

@@ -2237,3 +2237,31 @@ async fn a_record_is_not_replayed_twice_at_once() {
     // Once it has answered, the record can be replayed again.
     assert_eq!(c.post(&url).send().await.unwrap().status(), 200);
 }
+
+/// The CLI's error for a replay that failed after a request went out says so, as the API does
+/// with `sent: true`: "502 ... (replay_failed)" alone reads as "nothing happened", and the
+/// operator replays the write again.
+#[tokio::test]
+async fn the_cli_says_when_a_failed_replay_had_already_sent_its_request() {
+    let (legacy, new, proxy) = setup(&[]).await;
+    drop(new); // legacy answers, then new cannot be reached
+    let id = proxy
+        .records()
+        .await
+        .into_iter()
+        .find(|r| r.route == "orders")
+        .unwrap()
+        .id;
+    let before = legacy.count();
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let (code, _, err) = ficus_cli(&["divergences", "replay", &id, "--admin", &admin]).await;
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(legacy.count(), before + 1, "legacy did get the request");
+    assert!(err.contains("replay_failed"), "{err}");
+    assert!(err.contains("already gone out"), "{err}");
+    // A refusal before anything was sent says nothing of the kind.
+    let (code, _, err) =
+        ficus_cli(&["divergences", "replay", "no-such-id", "--admin", &admin]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404") && !err.contains("gone out"), "{err}");
+}
