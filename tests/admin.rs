@@ -2265,3 +2265,47 @@ async fn the_cli_says_when_a_failed_replay_had_already_sent_its_request() {
     assert_eq!(code, 1);
     assert!(err.contains("404") && !err.contains("gone out"), "{err}");
 }
+
+/// Without a token, reads are open, but not to a web page in a browser on this machine whose
+/// name was rebound to 127.0.0.1 (DNS rebinding): to the browser, that page and the API are
+/// one origin, so it would read every record. Its requests name the page's host.
+#[tokio::test]
+async fn without_a_token_a_page_with_a_rebound_name_cannot_read_the_records() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let c = client();
+    let port = proxy.ficus.admin_addr().port();
+    let evil = format!("evil.example:{port}");
+    for path in ["/api/divergences", "/api/report", "/api/groups"] {
+        let resp = c
+            .get(proxy.admin_url(path))
+            .header("host", &evil)
+            .header("sec-fetch-site", "same-origin")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "cross_origin", "{path}: {body}");
+    }
+    // The workbench opened at localhost or 127.0.0.1, and the CLI, still read.
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let resp = c
+            .get(proxy.admin_url("/api/divergences"))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{host}");
+    }
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let (code, _, err) = ficus_cli(&["divergences", "list", "--admin", &admin]).await;
+    assert_eq!(code, 0, "{err}");
+    // Health stays open whatever the Host.
+    let resp = c
+        .get(proxy.admin_url("/healthz"))
+        .header("host", &evil)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -175,6 +175,20 @@ async fn auth(State(state): State<Arc<AdminState>>, mut req: Request, next: Next
                 ),
             );
         }
+        // A read is open, but not to a web page that rebound its own name to this machine
+        // (DNS rebinding): to the browser the page and the API are then one origin, and the
+        // page reads every record (request bodies, both sides' answers). Its requests come from
+        // a loopback peer and name the page's host; the CLI, curl and the workbench opened at
+        // 127.0.0.1 or localhost name an address or localhost.
+        if peer.is_some_and(|ip| ip.to_canonical().is_loopback())
+            && addressed_to_a_name(req.headers())
+        {
+            return error(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                "a request from this machine addressed to a host name (a web page's name rebound to 127.0.0.1 would read the records): use 127.0.0.1 or localhost, or start ficus with --admin-token",
+            );
+        }
         req.extensions_mut().insert(Who("anonymous".into()));
         return next.run(req).await;
     }
@@ -233,17 +247,25 @@ fn browser_forgery(headers: &HeaderMap) -> Option<&'static str> {
             return Some("a request from another origin");
         }
     }
-    // A name rebound to a loopback address still arrives with that name as its Host.
+    if addressed_to_a_name(headers) {
+        return Some("a request addressed to a host name");
+    }
+    None
+}
+
+/// Whether the `Host` is a name other than `localhost`: a name rebound to a loopback address
+/// still arrives with that name as its Host.
+fn addressed_to_a_name(headers: &HeaderMap) -> bool {
+    let host = headers
+        .get(header::HOST)
+        .map_or("", |v| v.to_str().unwrap_or("\u{fffd}"));
     let name = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
     };
     let name = name.trim_start_matches('[').trim_end_matches(']');
     let address = name.parse::<std::net::IpAddr>().is_ok();
-    if !(host.is_empty() || address || name.eq_ignore_ascii_case("localhost")) {
-        return Some("a request addressed to a host name");
-    }
-    None
+    !(host.is_empty() || address || name.eq_ignore_ascii_case("localhost"))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
