@@ -2309,3 +2309,37 @@ async fn without_a_token_a_page_with_a_rebound_name_cannot_read_the_records() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// With the store out of reach, `GET /api/rules` must not answer "no overrides" while one is
+/// in force (replicas keep applying what they last read): it answers 503, as documented.
+#[tokio::test]
+async fn the_rules_in_force_do_not_hide_an_override_when_the_store_is_down() {
+    let mut redis = support::RedisServer::start().await;
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let rules = "[[route]]\nname = \"rules-override\"\n[route.match]\npath_prefix = \"/api/\"\n";
+    let url = redis.url();
+    let proxy = TestProxy::start_with(rules, legacy.url(), new.url(), |c| c.store = url).await;
+    let c = client();
+    let resp = c
+        .post(proxy.admin_url("/api/routes/rules-override/override"))
+        .json(&json!({"authority": "new", "ttl": "1h", "reason": "legacy is down"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rules: Value = proxy.admin_json("/api/rules").await;
+    assert_eq!(rules["overrides"].as_array().unwrap().len(), 1, "{rules}");
+
+    redis.kill();
+    let resp = c.get(proxy.admin_url("/api/rules")).send().await.unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "store_unavailable", "{body}");
+    // The override is still applied meanwhile.
+    assert_eq!(
+        support::backend_of(&c.get(proxy.url("/api/x")).send().await.unwrap()),
+        "new"
+    );
+}

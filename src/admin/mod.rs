@@ -1406,7 +1406,14 @@ async fn group_sample(
     Ok(out)
 }
 
-async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
+async fn rules(State(state): State<Arc<AdminState>>) -> Response {
+    // Read first: with the store out of reach, "no override" would tell the operator on call
+    // that nothing overrides the rules while one is in force (each replica keeps applying the
+    // overrides it last read).
+    let stored = match state.store.overrides().await {
+        Ok(stored) => stored,
+        Err(e) => return store_error(&e),
+    };
     let live = state.proxy.live();
     let rules = &live.rules;
     let routes: Vec<Value> = rules
@@ -1428,11 +1435,7 @@ async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
             })
         })
         .collect();
-    let overrides: Vec<Value> = state
-        .store
-        .overrides()
-        .await
-        .unwrap_or_default()
+    let overrides: Vec<Value> = stored
         .into_iter()
         .filter(|o| o.until_ms > crate::store::writer::now_ms())
         .map(|o| json!(o))
@@ -1443,6 +1446,7 @@ async fn rules(State(state): State<Arc<AdminState>>) -> Json<Value> {
         "sources": rules.sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "loaded_at": humantime::format_rfc3339_millis(rules.loaded_at).to_string(),
     }))
+    .into_response()
 }
 
 #[derive(Deserialize)]
