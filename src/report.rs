@@ -57,11 +57,14 @@ pub fn verdict(e: &Evidence, gate: &Gate) -> Verdict {
     let upper = wilson_upper(counted, e.comparisons);
     let mut reasons = Vec::new();
     let mut verdict = "ready";
-    if e.comparisons < gate.min_samples {
+    // No comparison is no evidence, whatever the gate asks (`min_samples = 0`): the bound
+    // of 0 of 0 is 1, which a gate of `max_divergence_rate = 1` would let through.
+    if e.comparisons == 0 || e.comparisons < gate.min_samples {
         verdict = "insufficient-data";
         reasons.push(format!(
             "{} comparisons in the window, the gate needs {}",
-            e.comparisons, gate.min_samples
+            e.comparisons,
+            gate.min_samples.max(1)
         ));
     }
     if e.open_defects > 0 {
@@ -71,7 +74,7 @@ pub fn verdict(e: &Evidence, gate: &Gate) -> Verdict {
             e.open_defects
         ));
     }
-    if e.comparisons >= gate.min_samples && upper > gate.max_divergence_rate {
+    if e.comparisons > 0 && e.comparisons >= gate.min_samples && upper > gate.max_divergence_rate {
         verdict = "not-ready";
         reasons.push(format!(
             "divergence rate {:.4}% (95% upper bound {:.4}%) is above the gate's {:.4}%",
@@ -184,6 +187,24 @@ mod tests {
             &gate(),
         );
         assert_eq!(v.verdict, "insufficient-data");
+    }
+
+    /// A gate without a minimum (`min_samples = 0`) still needs one comparison: with none,
+    /// nothing was measured, and a permissive rate must not read as ready.
+    #[test]
+    fn no_comparison_is_never_ready() {
+        for max_divergence_rate in [1.0, 0.5, 0.001] {
+            let gate = Gate {
+                min_samples: 0,
+                max_divergence_rate,
+                ..Gate::default()
+            };
+            let v = verdict(&Evidence::default(), &gate);
+            assert_eq!(
+                v.verdict, "insufficient-data",
+                "{max_divergence_rate}: {v:?}"
+            );
+        }
     }
 
     #[test]
