@@ -148,7 +148,17 @@ async fn call(
                 humantime::format_duration(admin.timeout)
             )
         })??;
-    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    // Every answer of the admin API is JSON. A success that is not is another server (the
+    // proxy port, whose legacy side answers anything with 200): taking it for the API would
+    // print an empty table, or "override lifted", with exit 0 and nothing done.
+    let value = match serde_json::from_slice(&bytes) {
+        Ok(value) => value,
+        Err(_) if status.is_success() => bail!(
+            "{} answered {status} with a body that is not JSON: is --admin (FICUS_ADMIN) the admin port (default http://127.0.0.1:9901)?",
+            admin.admin
+        ),
+        Err(_) => Value::Null,
+    };
     Ok((status, value))
 }
 

@@ -435,3 +435,36 @@ async fn an_admin_token_that_parses_to_an_empty_secret_does_not_open_the_api() {
         }
     }
 }
+
+/// `--admin` pointed at the wrong port (the proxy's, whose legacy side answers any path with a
+/// 200 page): the CLI must not take that page for the API's answer and report success, as in
+/// "override lifted" during a rollback, with nothing done.
+#[tokio::test]
+async fn the_cli_fails_on_an_answer_that_is_not_the_admin_api() {
+    let page = Backend::with_handler("spa", |_req| async {
+        http::Response::builder()
+            .header("content-type", "text/html")
+            .body(support::full("<!doctype html><p>Shop</p>"))
+            .unwrap()
+    })
+    .await;
+    let url = format!("http://{}", page.addr);
+    for args in [
+        &["routes", "release", "orders"][..],
+        &["divergences", "set", "x", "--state", "resolved"],
+        &["report"],
+        &["divergences", "list"],
+    ] {
+        let mut all = args.to_vec();
+        all.extend(["--admin", &url]);
+        let all: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+        let (code, out, err) = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            ficus(&refs)
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 1, "{args:?}: {out}");
+        assert!(err.contains("not JSON"), "{args:?}: {err}");
+    }
+}
