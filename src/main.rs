@@ -455,9 +455,13 @@ fn serve(args: ServeArgs) -> Result<()> {
     config.shutdown_timeout = args.shutdown_timeout;
     config.watch_rules = !args.no_watch;
     config.workers = args.workers;
+    // `FICUS_ADMIN_TOKEN="s1, s2"`: the space after a comma is not part of the token (the
+    // server and the CLI trim the token they are sent or read, so it could never match), nor
+    // of a name (`alice=s1, bob=s2`).
     config.admin_tokens = args
         .admin_token
         .iter()
+        .map(|t| t.trim())
         .filter(|t| !t.is_empty())
         .map(|t| match client::split_token(t) {
             (Some(name), token) => (name.to_string(), token.to_string()),

@@ -468,3 +468,55 @@ async fn the_cli_fails_on_an_answer_that_is_not_the_admin_api() {
         assert!(err.contains("not JSON"), "{args:?}: {err}");
     }
 }
+
+/// `FICUS_ADMIN_TOKEN` takes a comma-separated list; written with a space after each comma (as
+/// the CLI's own reading of that variable allows), every token must still open the API.
+#[tokio::test]
+async fn admin_tokens_listed_with_spaces_after_the_commas_each_work() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.toml"), "[[route]]\nname = \"a\"\n").unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Child(
+        Command::new(FICUS)
+            .arg("serve")
+            .args(["--rules", dir.path().to_str().unwrap()])
+            .args(["--legacy", &legacy.url().to_string()])
+            .args(["--new", &new.url().to_string()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .arg("--no-watch")
+            .args([
+                "--store",
+                &format!("sqlite:{}", dir.path().join("r.db").display()),
+            ])
+            .env("FICUS_ADMIN_TOKEN", "first-secret, second-secret")
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = client();
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    let mut up = false;
+    for _ in 0..400 {
+        assert!(child.0.try_wait().unwrap().is_none(), "ficus exited");
+        if c.get(&ready).send().await.is_ok_and(|r| r.status() == 200) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "ficus did not start");
+    for token in ["first-secret", "second-secret"] {
+        let resp = c
+            .get(format!("http://127.0.0.1:{admin}/api/divergences"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{token}");
+    }
+}
