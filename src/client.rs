@@ -437,8 +437,9 @@ pub async fn divergences(admin: &AdminArgs, cmd: DivergencesCommand) -> Result<(
                 };
                 println!("  {}", paint(&diff_line(d), color));
             }
-            if let Some(note) = r["note"].as_str() {
-                println!("note: {note}");
+            // Anyone who may change records writes the note: escaped like the rest.
+            if r["note"].is_string() {
+                println!("note: {}", text(&r["note"]));
             }
         }
         DivergencesCommand::Set {

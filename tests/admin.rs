@@ -2343,3 +2343,27 @@ async fn the_rules_in_force_do_not_hide_an_override_when_the_store_is_down() {
         "new"
     );
 }
+
+/// `divergences show` escapes the control characters of what it prints, so that a record
+/// cannot send escape sequences to the operator's terminal: the note too, which anyone who
+/// may change records writes (anonymously, from this machine, without a token).
+#[tokio::test]
+async fn the_cli_shows_a_note_without_its_control_characters() {
+    let (_l, _n, proxy) = setup(&[]).await;
+    let id = proxy.records().await[0].id.clone();
+    let resp = client()
+        .patch(proxy.admin_url(&format!("/api/divergences/{id}")))
+        .json(&json!({"note": "looks fine\u{1b}]0;owned\u{7}\u{1b}[2J"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let admin = format!("http://{}", proxy.ficus.admin_addr());
+    let (code, out, err) = ficus_cli(&["divergences", "show", &id, "--admin", &admin]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("note: looks fine"), "{out}");
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n'),
+        "control characters reach the terminal: {out:?}"
+    );
+}
