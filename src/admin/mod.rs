@@ -378,12 +378,40 @@ fn parse_state(raw: Option<&str>) -> Result<Option<RecordState>, Response> {
 
 /// A time bound: RFC 3339 or Unix milliseconds.
 fn time_ms(raw: &str) -> Option<u64> {
-    raw.parse::<u64>().ok().or_else(|| {
-        humantime::parse_rfc3339_weak(raw)
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .and_then(|d| u64::try_from(d.as_millis()).ok())
-    })
+    if let Ok(ms) = raw.parse::<u64>() {
+        return Some(ms);
+    }
+    // humantime reads UTC only (`Z`, `+00:00` or no zone): an RFC 3339 offset such as
+    // `+01:00` (sent as `%2B01:00` in a query string) is applied here.
+    let (local, offset_ms) = match utc_offset_ms(raw) {
+        Some((local, offset)) => (local, offset),
+        None => (raw, 0),
+    };
+    let ms = humantime::parse_rfc3339_weak(local)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .and_then(|d| i128::try_from(d.as_millis()).ok())?;
+    u64::try_from(ms - offset_ms).ok()
+}
+
+/// A trailing `+HH:MM` or `-HH:MM` offset of an RFC 3339 time: the rest, and the offset in ms.
+fn utc_offset_ms(raw: &str) -> Option<(&str, i128)> {
+    let at = raw.len().checked_sub(6)?;
+    let (local, zone) = (raw.get(..at)?, raw.get(at..)?.as_bytes());
+    let sign = match zone.first()? {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let digits = |a: usize, b: usize| -> Option<i128> {
+        let (x, y) = (zone.get(a)?, zone.get(b)?);
+        (x.is_ascii_digit() && y.is_ascii_digit()).then(|| i128::from((x - b'0') * 10 + (y - b'0')))
+    };
+    if zone.get(3) != Some(&b':') || !local.contains(['T', 't', ' ']) {
+        return None;
+    }
+    let (hours, minutes) = (digits(1, 2)?, digits(4, 5)?);
+    Some((local, sign * (hours * 60 + minutes) * 60_000))
 }
 
 /// Optional `since` and `until` parameters as Unix ms; a 400 response when one is neither
@@ -1731,6 +1759,30 @@ async fn reload(State(state): State<Arc<AdminState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 3339 times may carry any offset, not only `Z`: the same instant either way.
+    #[test]
+    fn time_bounds_read_rfc3339_offsets() {
+        let utc = time_ms("2026-11-22T01:00:00Z");
+        assert_eq!(utc, Some(1_795_309_200_000));
+        assert_eq!(time_ms("2026-11-22T02:00:00+01:00"), utc);
+        assert_eq!(time_ms("2026-11-21T20:00:00-05:00"), utc);
+        assert_eq!(
+            time_ms("2026-11-22T01:30:00.5+00:30"),
+            Some(1_795_309_200_500)
+        );
+        assert_eq!(time_ms("2026-11-22T01:00:00+00:00"), utc);
+        assert_eq!(time_ms("1795309200000"), utc);
+        for bad in [
+            "2026-11-22",
+            "yesterday+01:00",
+            "2026-11-22T01:00:00+1:00",
+            "+01:00",
+            "",
+        ] {
+            assert_eq!(time_ms(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn without_tokens_only_loopback_may_change_anything() {
