@@ -1689,40 +1689,55 @@ async fn impact(
         if records.is_empty() {
             continue;
         }
-        let mut groups: std::collections::BTreeMap<String, [u64; 3]> = Default::default();
-        let mut totals = [0u64; 3];
-        for r in &records {
-            // Redacted values read the same on both sides: such records cannot be judged.
-            let redacted =
-                serde_json::to_string(&r.diffs).is_ok_and(|t| t.contains(crate::compare::REDACTED));
-            let outcome = match (stored_response(&r.legacy), stored_response(&r.new)) {
-                (Some(l), Some(n)) if !redacted => {
-                    let legacy = crate::compare::Response {
-                        status: l.0,
-                        headers: &l.1,
-                        body: &l.2,
-                    };
-                    let new = crate::compare::Response {
-                        status: n.0,
-                        headers: &n.1,
-                        body: &n.2,
-                    };
-                    if comparator.compare(&legacy, &new).is_match() {
-                        0
-                    } else {
-                        1
+        let count = records.len();
+        // Up to 10,000 comparisons of bodies up to the record limit: seconds of CPU, which on
+        // the control runtime's one thread would hold up the record writer, `/readyz` and the
+        // override sync meanwhile.
+        let Ok((totals, groups)) = tokio::task::spawn_blocking(move || {
+            let mut groups: std::collections::BTreeMap<String, [u64; 3]> = Default::default();
+            let mut totals = [0u64; 3];
+            for r in &records {
+                // Redacted values read the same on both sides: such records cannot be judged.
+                let redacted = serde_json::to_string(&r.diffs)
+                    .is_ok_and(|t| t.contains(crate::compare::REDACTED));
+                let outcome = match (stored_response(&r.legacy), stored_response(&r.new)) {
+                    (Some(l), Some(n)) if !redacted => {
+                        let legacy = crate::compare::Response {
+                            status: l.0,
+                            headers: &l.1,
+                            body: &l.2,
+                        };
+                        let new = crate::compare::Response {
+                            status: n.0,
+                            headers: &n.1,
+                            body: &n.2,
+                        };
+                        if comparator.compare(&legacy, &new).is_match() {
+                            0
+                        } else {
+                            1
+                        }
                     }
-                }
-                _ => 2,
-            };
-            totals[outcome] += 1;
-            groups.entry(r.fingerprint.clone()).or_default()[outcome] += 1;
-        }
+                    _ => 2,
+                };
+                totals[outcome] += 1;
+                groups.entry(r.fingerprint.clone()).or_default()[outcome] += 1;
+            }
+            (totals, groups)
+        })
+        .await
+        else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "impact_failed",
+                "the comparison of the stored records failed",
+            );
+        };
         let figures =
             |c: &[u64; 3]| json!({"would_match": c[0], "would_remain": c[1], "unknown": c[2]});
         routes.push(json!({
             "route": &*route.name,
-            "records": records.len(),
+            "records": count,
             "truncated": truncated,
             "totals": figures(&totals),
             "groups": groups.iter().map(|(fp, c)| {
