@@ -93,6 +93,30 @@ async fn token_guards_the_api_but_not_health() {
     }
 }
 
+/// A path or method the API does not have is a JSON error like every other (axum's own
+/// answers were an empty 405 and a 404 without a body).
+#[tokio::test]
+async fn unknown_endpoints_and_methods_are_json_errors() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    let c = client();
+    let resp = c.get(proxy.admin_url("/api/nope")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "not_found");
+    let resp = c
+        .delete(proxy.admin_url("/api/divergences"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
+}
+
 /// Without a token, a loopback client may make changes, but not a web page in a browser on
 /// that machine: a cross-site form, another origin, or a host name rebound to 127.0.0.1.
 #[tokio::test]

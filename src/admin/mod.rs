@@ -108,6 +108,22 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics_text))
         .merge(ui::router())
         .merge(api)
+        // Errors of the API are JSON, also for a path or method it does not have (axum's own
+        // answers have an empty or plain-text body, which clients cannot read as an error).
+        .fallback(|method: http::Method, uri: http::Uri| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint: {method} {}", uri.path()),
+            )
+        })
+        .method_not_allowed_fallback(|method: http::Method, uri: http::Uri| async move {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} does not take {method}", uri.path()),
+            )
+        })
         .layer(middleware::map_response(harden))
         .with_state(state)
 }
