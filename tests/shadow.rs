@@ -825,3 +825,72 @@ async fn a_client_that_stops_reading_does_not_hold_a_shadow_slot_past_the_timeou
         stats.outcomes
     );
 }
+
+/// A shadow ends while the client's answer still streams: here the authority's answer is over
+/// the body limit and goes on for as long as the test likes (a download, a server-sent event
+/// stream). The shadow ends `skipped_body_limit` at once; the bytes it held (the shadow side's
+/// answer) must go back to the memory budget then, not when the client's stream ends, or every
+/// long stream keeps other requests from being mirrored (`dropped_overload`) all that time.
+#[tokio::test]
+async fn a_shadow_that_ended_gives_its_memory_back_while_the_client_stream_goes_on() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let release = Arc::new(Notify::new());
+    let gate = release.clone();
+    let legacy = Backend::with_handler("legacy", move |_req| {
+        let gate = gate.clone();
+        async move {
+            let frames = futures_util::stream::unfold(0u8, move |step| {
+                let gate = gate.clone();
+                async move {
+                    let chunk = match step {
+                        0 => "a".repeat(8192),
+                        1 => {
+                            gate.notified().await;
+                            "z".to_string()
+                        }
+                        _ => return None,
+                    };
+                    let frame = Ok::<_, support::BoxError>(Frame::data(bytes::Bytes::from(chunk)));
+                    Some((frame, step + 1))
+                }
+            });
+            Response::new(StreamBody::new(frames).boxed())
+        }
+    })
+    .await;
+    let new = Backend::with_handler("new", |_req| async {
+        Response::new(full("n".repeat(3000)))
+    })
+    .await;
+    let proxy = TestProxy::start_with(
+        &shadow_rules("timeout = \"10s\""),
+        legacy.url(),
+        new.url(),
+        |c| c.shadow.body_limit = 4096,
+    )
+    .await;
+    let mut resp = client().get(proxy.url("/api/stream")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = 0;
+    while got < 8192 {
+        got += resp.chunk().await.unwrap().unwrap().len();
+    }
+    assert!(wait_outcomes(&proxy, 1).await);
+    assert_eq!(outcome(&proxy, "skipped_body_limit"), 1);
+    // The outcome is counted just before the ticket goes: poll for what it gives back.
+    let shadow = proxy.ficus.proxy().shadow();
+    let freed = eventually(Duration::from_secs(5), || async {
+        shadow.inflight() == 0 && shadow.memory_used() == 0
+    })
+    .await;
+    let held = shadow.memory_used();
+    // The client's stream carries on untouched.
+    release.notify_one();
+    let rest = resp.bytes().await.unwrap();
+    assert_eq!(got + rest.len(), 8193);
+    assert!(
+        freed,
+        "a shadow that ended still holds {held} bytes of the budget while the client's stream goes on"
+    );
+}

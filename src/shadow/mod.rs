@@ -341,6 +341,9 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        // The shadow has ended: its bytes go back now, even while the client's answer (and
+        // the tee on it, which points at the reservation) streams on.
+        self.reservation.close();
         self.inflight.decrement(1.0);
     }
 }

@@ -39,16 +39,28 @@ impl MemoryBudget {
     }
 
     fn release(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
+        if n > 0 {
+            self.used.fetch_sub(n, Ordering::AcqRel);
+        }
     }
 }
 
-/// Bytes reserved from the budget by one shadow; released when dropped.
+/// Bytes held by one shadow (its copy of the request body, the authority's answer once its
+/// tee hands it over, the shadow side's answers), given back when the shadow ends
+/// ([`Reservation::close`], which its ticket calls), not when the last tee pointing at it is
+/// dropped: the client's answer can stream on long after the shadow has ended (an answer over
+/// the body limit, a slow client, a stream that never ends), and bytes nobody holds any more
+/// would keep other requests from being mirrored all that time. A tee counts the copy it is
+/// still making itself, in the budget, until it hands it over or drops it.
 #[derive(Debug)]
 pub struct Reservation {
     budget: Arc<MemoryBudget>,
+    /// Bytes held, or [`CLOSED`] once the shadow has ended.
     held: AtomicUsize,
 }
+
+/// [`Reservation::held`] once the shadow has ended: it takes no more bytes.
+const CLOSED: usize = usize::MAX;
 
 impl Reservation {
     pub fn new(budget: Arc<MemoryBudget>) -> Arc<Self> {
@@ -58,26 +70,42 @@ impl Reservation {
         })
     }
 
-    /// Gives back `n` bytes this reservation holds (a tee dropping its copy).
-    fn shrink(&self, n: usize) {
-        if n > 0 {
-            self.held.fetch_sub(n, Ordering::AcqRel);
-            self.budget.release(n);
-        }
+    /// Reserves `n` more bytes for the shadow; false when the budget is exhausted or the
+    /// shadow has ended.
+    pub fn try_grow(&self, n: usize) -> bool {
+        self.budget.try_reserve(n) && self.adopt(n)
     }
 
-    pub fn try_grow(&self, n: usize) -> bool {
-        let ok = self.budget.try_reserve(n);
-        if ok {
-            self.held.fetch_add(n, Ordering::AcqRel);
+    /// Takes over `n` bytes already reserved in the budget (a tee's finished copy). Once the
+    /// shadow has ended, nobody will hold them: they go back at once, and the answer is false.
+    fn adopt(&self, n: usize) -> bool {
+        let adopted = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                if held == CLOSED {
+                    return None;
+                }
+                held.checked_add(n).filter(|&total| total != CLOSED)
+            })
+            .is_ok();
+        if !adopted {
+            self.budget.release(n);
         }
-        ok
+        adopted
+    }
+
+    /// The shadow has ended: its bytes go back to the budget now, and it takes no more.
+    pub fn close(&self) {
+        let held = self.held.swap(CLOSED, Ordering::AcqRel);
+        if held != CLOSED {
+            self.budget.release(held);
+        }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget.release(*self.held.get_mut());
+        self.close();
     }
 }
 
@@ -133,17 +161,25 @@ impl<B: Body<Data = Bytes> + Unpin> Tee<B> {
 
     fn finish(&mut self) {
         if let Some(tx) = self.done.take() {
-            let _ = tx.send(Teed::Complete(std::mem::take(&mut self.buf).freeze()));
+            let copy = std::mem::take(&mut self.buf).freeze();
+            // The copy's bytes are the shadow's from now on (given back when it ends).
+            self.reservation.adopt(copy.len());
+            let _ = tx.send(Teed::Complete(copy));
         }
     }
 
     fn give_up(&mut self, why: Teed) {
         // The copy is dropped: so are the bytes it held in the budget.
-        self.reservation.shrink(self.buf.len());
-        self.buf = BytesMut::new();
+        self.release_copy();
         if let Some(tx) = self.done.take() {
             let _ = tx.send(why);
         }
+    }
+
+    /// Drops the copy made so far and gives its bytes back.
+    fn release_copy(&mut self) {
+        self.reservation.budget.release(self.buf.len());
+        self.buf = BytesMut::new();
     }
 
     fn copy(&mut self, data: &Bytes) {
@@ -157,10 +193,17 @@ impl<B: Body<Data = Bytes> + Unpin> Tee<B> {
         if self.buf.len() + data.len() > self.limit {
             return self.give_up(Teed::OverLimit);
         }
-        if !self.reservation.try_grow(data.len()) {
+        if !self.reservation.budget.try_reserve(data.len()) {
             return self.give_up(Teed::OverBudget);
         }
         self.buf.extend_from_slice(data);
+    }
+}
+
+impl<B> Drop for Tee<B> {
+    /// A tee dropped before its body ended (a client that went away) gives its copy back.
+    fn drop(&mut self) {
+        self.reservation.budget.release(self.buf.len());
     }
 }
 
@@ -261,6 +304,53 @@ mod tests {
         let (tee, rx) = Tee::new(chunks(&["abc", "def"]), 100, r);
         assert_eq!(tee.collect().await.unwrap().to_bytes(), "abcdef");
         assert!(matches!(rx.await.unwrap(), Teed::OverBudget));
+        assert_eq!(budget.used(), 0);
+    }
+
+    /// The shadow ends while the body it was teeing streams on (the client's answer): what the
+    /// shadow held goes back at once, the tee's own copy when the tee gives it up.
+    #[tokio::test]
+    async fn a_closed_reservation_gives_its_bytes_back_while_its_tee_lives_on() {
+        let (budget, r) = reservation(1024);
+        assert!(r.try_grow(100), "the shadow side's answer");
+        let (mut tee, rx) = Tee::new(chunks(&["abc", "def"]), 100, r.clone());
+        assert_eq!(
+            tee.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        assert_eq!(budget.used(), 103);
+        drop(rx);
+        r.close();
+        assert_eq!(budget.used(), 3, "only the tee's copy is still held");
+        assert!(!r.try_grow(1), "an ended shadow takes no more");
+        assert_eq!(budget.used(), 3);
+        assert_eq!(
+            tee.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "def"
+        );
+        assert_eq!(budget.used(), 0, "the tee stopped copying for nobody");
+        drop(tee);
+        assert_eq!(budget.used(), 0);
+
+        // A copy completed after the shadow ended is not kept either.
+        let (budget, r) = reservation(1024);
+        let (tee, _rx) = Tee::new(chunks(&["abc"]), 100, r.clone());
+        r.close();
+        assert_eq!(tee.collect().await.unwrap().to_bytes(), "abc");
+        assert_eq!(budget.used(), 0);
+        drop(r);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tee_dropped_midway_gives_its_copy_back() {
+        let (budget, r) = reservation(1024);
+        let (mut tee, _rx) = Tee::new(chunks(&["abc", "def"]), 100, r.clone());
+        tee.frame().await.unwrap().unwrap();
+        assert_eq!(budget.used(), 3);
+        drop(tee);
+        assert_eq!(budget.used(), 0, "while the reservation lives on");
+        drop(r);
         assert_eq!(budget.used(), 0);
     }
 
