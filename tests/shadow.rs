@@ -894,3 +894,48 @@ async fn a_shadow_that_ended_gives_its_memory_back_while_the_client_stream_goes_
         "a shadow that ended still holds {held} bytes of the budget while the client's stream goes on"
     );
 }
+
+/// Noise is what differs between two answers of legacy to the same request. A probe that
+/// legacy answers with an error (a 503 under load, a 429) differs from the first answer in
+/// every field; learning those paths as noise would hide the real divergence on `/price`
+/// here, and on every field of the route from then on.
+#[tokio::test]
+async fn a_noise_probe_answered_with_another_status_teaches_nothing() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let legacy = Backend::with_handler("legacy", move |_req| {
+        // The first probe (the second call) finds legacy overloaded.
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 1 {
+                let mut r = json_backend_body(json!({"error": "busy"}));
+                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                r
+            } else {
+                json_backend_body(json!({"id": 7, "price": 10}))
+            }
+        }
+    })
+    .await;
+    let new = json_backend("new", json!({"id": 7, "price": 11})).await;
+    let proxy = TestProxy::start(&shadow_rules("noise_probe = 1.0"), legacy.url(), new.url()).await;
+    for i in 1..=2 {
+        let resp = client().get(proxy.url("/api/x")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(wait_outcomes(&proxy, i).await);
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "two answers and two probes"
+    );
+    let noise = proxy.ficus.proxy().shadow().noise().paths("orders");
+    assert!(noise.is_empty(), "learned from an error answer: {noise:?}");
+    let stats = proxy.ficus.proxy().shadow().stats("orders");
+    assert_eq!(
+        (stats.matched, stats.diverged),
+        (0, 2),
+        "the real divergence on /price was hidden as noise"
+    );
+    assert_eq!(proxy.wait_records(2).await.len(), 2);
+}

@@ -887,6 +887,17 @@ impl Shadower {
             debug!(route = %route.name, "noise probe ran out of comparison budget; nothing learned");
             return;
         }
+        // Noise is what differs between two answers of the same kind. A probe that legacy
+        // answers with another status (a 503 under load, a 429) differs in every field, and
+        // learning those would hide real differences on them from then on.
+        if noise
+            .diffs
+            .iter()
+            .any(|d| matches!(d, Difference::Status { .. }))
+        {
+            debug!(route = %route.name, "noise probe answered with another status; nothing learned");
+            return;
+        }
         let paths: Vec<String> = noise.body_paths().map(compare::generalize).collect();
         if !paths.is_empty() {
             debug!(route = %route.name, paths = ?paths, "learned noisy fields");
