@@ -939,3 +939,57 @@ async fn a_noise_probe_answered_with_another_status_teaches_nothing() {
     );
     assert_eq!(proxy.wait_records(2).await.len(), 2);
 }
+
+/// A client that stops sending its request body (but keeps its connection open) must not hold
+/// its shadow's in-flight permit past the shadow timeout: the shadow call cannot start before
+/// the body is complete, and meanwhile the slot is taken. With the in-flight limit at 1 here,
+/// one such client stops all shadowing of every other client (`dropped_overload`) until the
+/// authority's own timeout (30 s) gives up on it; one that sends a byte now and then, for ever.
+#[tokio::test]
+async fn a_client_that_stalls_its_upload_does_not_hold_a_shadow_slot_past_the_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
+        Response::new(full(format!("{body:?}")))
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(
+        &shadow_rules("writes = true\ntimeout = \"300ms\""),
+        legacy.url(),
+        new.url(),
+        |c| c.shadow.max_inflight = 1,
+    )
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"POST /api/up HTTP/1.1\r\nhost: ficus\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { legacy.count() == 1 }).await);
+    // Ten times the shadow timeout and more.
+    let ended = wait_outcomes(&proxy, 1).await;
+    // The outcome is counted just before the permit goes back.
+    let freed = eventually(Duration::from_secs(1), || async {
+        proxy.ficus.proxy().shadow().inflight() == 0
+    })
+    .await;
+    let held = proxy.ficus.proxy().shadow().inflight();
+    assert!(
+        ended && freed,
+        "a stalled upload still holds its shadow slot past a 300 ms shadow timeout (in flight: \
+         {held})"
+    );
+    // Another client is mirrored meanwhile; the stalled one is still connected.
+    let resp = client().get(proxy.url("/api/read")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(wait_outcomes(&proxy, 2).await);
+    let stats = proxy.ficus.proxy().shadow().stats("orders");
+    drop(stalled);
+    assert_eq!(stats.outcomes["aborted"], 1, "{:?}", stats.outcomes);
+    assert_eq!(stats.outcomes["compared"], 1, "{:?}", stats.outcomes);
+    assert_eq!(new.count(), 1, "only the complete request was mirrored");
+}

@@ -53,7 +53,8 @@ pub enum Outcome {
     ShadowTimeout,
     /// The authority failed, so there is nothing to compare.
     AuthorityError,
-    /// The client went away, or a body failed, before both sides were complete.
+    /// The client went away, its request body came or it read the answer too slowly (past the
+    /// shadow timeout), or a body failed, before both sides were complete.
     Aborted,
 }
 
@@ -570,17 +571,22 @@ impl Shadower {
         request_body: oneshot::Receiver<Teed>,
         authority: oneshot::Receiver<AuthorityResult>,
     ) -> Outcome {
-        let body = match request_body.await {
-            Ok(Teed::Complete(body)) => body,
-            Ok(teed) => return teed_outcome(&teed),
+        // The shadow call needs the whole request body, which comes only as fast as the client
+        // sends it (and the authority reads it): a client that uploads slowly, or stopped,
+        // must not hold this shadow's permit (and memory) past the shadow timeout, as it must
+        // not by reading slowly.
+        let body = match tokio::time::timeout(route.timeout, request_body).await {
+            Ok(Ok(Teed::Complete(body))) => body,
+            Ok(Ok(teed)) => return teed_outcome(&teed),
             // The tee was dropped before the body ended: the client went away, or the
             // authority failed before reading all of it (the client then got a 502/504).
-            Err(_) => {
+            Ok(Err(_)) => {
                 return match authority.await {
                     Ok(AuthorityResult::Failed) => Outcome::AuthorityError,
                     _ => Outcome::Aborted,
                 };
             }
+            Err(_) => return Outcome::Aborted,
         };
         // The shadow call starts now, concurrently with the authority's response.
         let shadow = self.call(
