@@ -993,3 +993,47 @@ async fn a_client_that_stalls_its_upload_does_not_hold_a_shadow_slot_past_the_ti
     assert_eq!(stats.outcomes["compared"], 1, "{:?}", stats.outcomes);
     assert_eq!(new.count(), 1, "only the complete request was mirrored");
 }
+
+/// Both sides' latencies are the time from the complete request to the complete answer: the
+/// shadow call starts once the client's body is complete, so the authority's latency must not
+/// include the client's upload either, or every upload makes the authority look slower than the
+/// side it is compared with (here by a pause of 1.5 s in the middle of the client's body, with
+/// two backends that answer at once).
+#[tokio::test]
+async fn the_authority_latency_does_not_count_the_clients_upload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = |name: &'static str| {
+        Backend::with_handler(name, move |req| async move {
+            use http_body_util::BodyExt;
+            let len = req.into_body().collect().await.unwrap().to_bytes().len();
+            json_backend_body(json!({ "side": name, "len": len }))
+        })
+    };
+    let (legacy, new) = (echo("legacy").await, echo("new").await);
+    let proxy = TestProxy::start(
+        &shadow_rules("writes = true\ntimeout = \"10s\""),
+        legacy.url(),
+        new.url(),
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(proxy.ficus.proxy_addr())
+        .await
+        .unwrap();
+    conn.write_all(b"POST /api/up HTTP/1.1\r\nhost: ficus\r\ncontent-length: 20\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let pause = Duration::from_millis(1500);
+    tokio::time::sleep(pause).await;
+    conn.write_all(b"0123456789").await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = conn.read(&mut answer).await.unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+    let records = proxy.wait_records(1).await;
+    assert_eq!(records.len(), 1);
+    let (l, n) = (records[0].legacy.latency_ms, records[0].new.latency_ms);
+    // Not a performance bound: both answered at once, and the pause is the client's.
+    assert!(
+        l < pause.as_millis() as f64 * 2.0 / 3.0,
+        "the authority's latency counts the client's upload: legacy {l} ms, new {n} ms"
+    );
+}

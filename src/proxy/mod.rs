@@ -248,7 +248,7 @@ impl Proxy {
 
         let result = match admission {
             Some(Admission::Mirror(ticket)) => {
-                self.forward_mirrored(ticket, req, &live, &decision, conn, &request_id, start)
+                self.forward_mirrored(ticket, req, &live, &decision, conn, &request_id)
                     .await
             }
             Some(Admission::Skip(outcome)) => {
@@ -324,7 +324,6 @@ impl Proxy {
         decision: &Decision<'_>,
         conn: ConnInfo,
         request_id: &HeaderValue,
-        start: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let route = decision.route;
         let upstream = &live.upstreams[decision.authority_upstream()];
@@ -370,7 +369,6 @@ impl Proxy {
                     status: parts.status,
                     headers: parts.headers.clone(),
                     body: response_body,
-                    started: start,
                 });
                 Ok(Response::from_parts(parts, body.boxed_unsync()))
             }

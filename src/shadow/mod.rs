@@ -365,7 +365,6 @@ pub enum AuthorityResult {
         status: StatusCode,
         headers: HeaderMap,
         body: oneshot::Receiver<Teed>,
-        started: Instant,
     },
     Failed,
 }
@@ -588,6 +587,9 @@ impl Shadower {
             }
             Err(_) => return Outcome::Aborted,
         };
+        // Both sides' latencies run from here, the complete request, to the complete answer:
+        // the client's upload is no upstream's latency, and the shadow side never waits on it.
+        let complete = Instant::now();
         // The shadow call starts now, concurrently with the authority's response.
         let shadow = self.call(
             route,
@@ -602,7 +604,6 @@ impl Shadower {
                 status,
                 headers,
                 body,
-                started,
             } = authority.await.map_err(|_| Outcome::Aborted)?
             else {
                 return Err(Outcome::AuthorityError);
@@ -615,7 +616,7 @@ impl Shadower {
                     status,
                     headers,
                     body,
-                    latency: started.elapsed(),
+                    latency: complete.elapsed(),
                 }),
                 Ok(Ok(teed)) => Err(teed_outcome(&teed)),
                 Ok(Err(_)) | Err(_) => Err(Outcome::Aborted),
