@@ -1037,3 +1037,43 @@ async fn the_authority_latency_does_not_count_the_clients_upload() {
         "the authority's latency counts the client's upload: legacy {l} ms, new {n} ms"
     );
 }
+
+/// The same 413 as in the test above, for a body of unannounced length (chunked): it is cut
+/// off when it passes the route's limit, and its shadow ends `skipped_body_limit` like the
+/// announced one's, not `aborted` (which says the client went away or read too slowly).
+#[tokio::test]
+async fn a_chunked_body_refused_for_its_size_counts_skipped_body_limit() {
+    let legacy = Backend::with_handler("legacy", |req| async move {
+        use http_body_util::BodyExt;
+        let _ = req.into_body().collect().await;
+        Response::new(full("ok"))
+    })
+    .await;
+    let new = Backend::start("new").await;
+    let rules = "[[route]]\nname = \"orders\"\nmax_request_body = \"16B\"\n[route.match]\npath_prefix = \"/api/\"\n[route.shadow]\nwrites = true\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let chunks = (0..10).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"0123456789")));
+    let resp = client()
+        .post(proxy.url("/api/x"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert!(wait_outcomes(&proxy, 1).await);
+    let stats = proxy.ficus.proxy().shadow().stats("orders");
+    assert_eq!(
+        stats.outcomes["skipped_body_limit"], 1,
+        "{:?}",
+        stats.outcomes
+    );
+    assert_eq!(
+        stats.outcomes.values().sum::<u64>(),
+        1,
+        "{:?}",
+        stats.outcomes
+    );
+    assert_eq!(new.count(), 0, "the shadow side saw nothing");
+}

@@ -374,7 +374,11 @@ impl Proxy {
             }
             Err(e) => {
                 // A client that failed its upload aborts the shadow; it is no authority error.
-                if !e.is_client() {
+                // A body cut off at the route's limit skips it, as one refused before
+                // forwarding does.
+                if let ProxyError::BodyTooLarge { .. } = e {
+                    let _ = authority_tx.send(AuthorityResult::BodyTooLarge);
+                } else if !e.is_client() {
                     let _ = authority_tx.send(AuthorityResult::Failed);
                 }
                 Err(e)

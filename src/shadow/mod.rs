@@ -41,7 +41,8 @@ pub enum Outcome {
     SkippedSample,
     /// A non-safe method on a route without `shadow.writes = true`.
     SkippedWrite,
-    /// A body (request, authority's or shadow's response) over the body limit.
+    /// A body (request, authority's or shadow's response) over the body limit, or a request
+    /// body refused (413) for passing the route's `max_request_body`.
     SkippedBodyLimit,
     /// Protocol upgrades (WebSocket) are never mirrored.
     SkippedUpgrade,
@@ -367,6 +368,8 @@ pub enum AuthorityResult {
         body: oneshot::Receiver<Teed>,
     },
     Failed,
+    /// The client's body passed the route's `max_request_body` and was refused with 413.
+    BodyTooLarge,
 }
 
 /// What a mirrored exchange needs from its route, captured when it starts.
@@ -576,15 +579,18 @@ impl Shadower {
         // not by reading slowly.
         let body = match tokio::time::timeout(route.timeout, request_body).await {
             Ok(Ok(Teed::Complete(body))) => body,
-            Ok(Ok(teed)) => return teed_outcome(&teed),
-            // The tee was dropped before the body ended: the client went away, or the
-            // authority failed before reading all of it (the client then got a 502/504).
-            Ok(Err(_)) => {
+            // The body failed, or the tee was dropped before it ended: the client went away,
+            // its body passed the route's limit (the client then got a 413, as for a body
+            // refused before forwarding), or the authority failed before reading all of it
+            // (the client then got a 502/504).
+            Ok(Ok(Teed::Failed) | Err(_)) => {
                 return match authority.await {
                     Ok(AuthorityResult::Failed) => Outcome::AuthorityError,
+                    Ok(AuthorityResult::BodyTooLarge) => Outcome::SkippedBodyLimit,
                     _ => Outcome::Aborted,
                 };
             }
+            Ok(Ok(teed)) => return teed_outcome(&teed),
             Err(_) => return Outcome::Aborted,
         };
         // Both sides' latencies run from here, the complete request, to the complete answer:
@@ -600,13 +606,14 @@ impl Shadower {
             &ticket.reservation,
         );
         let authority = async {
-            let AuthorityResult::Response {
-                status,
-                headers,
-                body,
-            } = authority.await.map_err(|_| Outcome::Aborted)?
-            else {
-                return Err(Outcome::AuthorityError);
+            let (status, headers, body) = match authority.await.map_err(|_| Outcome::Aborted)? {
+                AuthorityResult::Response {
+                    status,
+                    headers,
+                    body,
+                } => (status, headers, body),
+                AuthorityResult::Failed => return Err(Outcome::AuthorityError),
+                AuthorityResult::BodyTooLarge => return Err(Outcome::SkippedBodyLimit),
             };
             // The authority's body reaches the tee only as fast as the client reads it: a
             // client that reads slowly, or stopped, must not hold this shadow's permit and
