@@ -81,14 +81,17 @@ async fn a_shadow_side_answering_garbage_changes_nothing_for_clients() {
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.json::<Value>().await.unwrap(), json!({"id": 1}));
     }
-    // Every one of them ends as a counted shadow error, none as a divergence.
+    // Every one of them ends as a counted shadow error, and as a divergence: as the
+    // authority, this new side would have given each client a 502.
     assert!(
         eventually(Duration::from_secs(10), || async {
             proxy.ficus.proxy().shadow().stats("orders").outcomes["shadow_error"] == 20
         })
         .await
     );
-    assert!(proxy.records().await.is_empty());
+    let records = proxy.wait_records(20).await;
+    assert_eq!(records.len(), 20);
+    assert!(records.iter().all(|r| r.new.status == 502 && r.legacy.status == 200));
     task.abort();
 }
 

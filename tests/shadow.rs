@@ -255,6 +255,102 @@ async fn a_hanging_shadow_side_never_holds_the_client() {
     release.notify_waiters();
 }
 
+/// A new side that fails (here: no answer within the shadow timeout, every other request)
+/// used to leave only an outcome: the comparisons counted the requests it answered, and a
+/// route whose new side failed a third of the time could read ready. Each failure is now
+/// compared and recorded as the 504 a client would have got from it as the authority, and
+/// weighs against the verdict; the outcome still says `shadow_timeout`. A failing legacy
+/// shadow, with the new side the authority, says nothing about the new side.
+#[tokio::test]
+async fn a_new_side_that_fails_counts_against_its_readiness() {
+    let turn = Arc::new(AtomicUsize::new(0));
+    let legacy = json_backend("legacy", json!({"total": 10})).await;
+    let new = Backend::with_handler("new", move |req| {
+        // Only the shadowed requests of the first route fail, every other one.
+        let shadowed = req.uri().path().starts_with("/api/");
+        let n = if shadowed {
+            turn.fetch_add(1, Ordering::SeqCst)
+        } else {
+            0
+        };
+        async move {
+            if n % 2 == 1 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            json_backend_body(json!({"total": 10}))
+        }
+    })
+    .await;
+    let rules = "[[route]]\nname = \"failing-new\"\n[route.match]\npath_prefix = \"/api/\"\n\
+        [route.shadow]\ntimeout = \"300ms\"\n[route.gate]\nmin_samples = 10\n\
+        [[route]]\nname = \"failing-legacy\"\nauthority = \"new\"\n[route.match]\npath_prefix = \"/v2/\"\n\
+        [route.shadow]\ntimeout = \"300ms\"\n";
+    // The second route's shadow side is the legacy upstream, here one that accepts and never
+    // answers.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let c = client();
+    for i in 0..20 {
+        let resp = c.get(proxy.url(&format!("/api/{i}"))).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(backend_of(&resp), "legacy");
+    }
+    let records = proxy.wait_records(10).await;
+    assert_eq!(records.len(), 10, "one record per failure of the new side");
+    for r in &records {
+        assert_eq!(r.new.status, 504);
+        assert_eq!(
+            serde_json::to_value(&r.diffs).unwrap(),
+            json!([{"in": "status", "old": 200, "value": 504}])
+        );
+    }
+    let stats = proxy.ficus.proxy().shadow().stats("failing-new");
+    assert_eq!(stats.outcomes["shadow_timeout"], 10);
+    assert_eq!(stats.outcomes["compared"], 10);
+    let mut route = Value::Null;
+    for _ in 0..100 {
+        let report = proxy.report().await;
+        route = report["routes"][0].clone();
+        if route["comparisons"]["window"] == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(route["comparisons"]["window"], 20, "{route}");
+    assert_eq!(route["divergences"]["window"], 10, "{route}");
+    assert_eq!(route["verdict"], "not-ready", "{route}");
+
+    // Reverse shadow: the legacy side hangs, the new side (the authority) answers.
+    drop(proxy);
+    let legacy_url = format!("http://{hang_addr}").parse().unwrap();
+    let proxy = TestProxy::start(rules, legacy_url, new.url()).await;
+    for i in 0..2 {
+        let resp = c.get(proxy.url(&format!("/v2/{i}"))).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            proxy
+                .ficus
+                .proxy()
+                .shadow()
+                .stats("failing-legacy")
+                .outcomes["shadow_timeout"]
+                == 2
+        })
+        .await
+    );
+    assert!(proxy.records().await.is_empty());
+    hold.abort();
+}
+
 /// A shadow side that takes 5 s for every answer: the clients are all served by legacy before
 /// it has answered even once, and each shadow still ends compared once it does.
 #[tokio::test]

@@ -634,10 +634,23 @@ impl Shadower {
             Ok(a) => a,
             Err(outcome) => return outcome,
         };
-        let shadow = match shadow {
-            Ok(s) => s,
+        // The new side failing where legacy answered is the strongest evidence against its
+        // readiness: as the authority it would have given the client a 502 or 504. Left out
+        // of the comparisons, a new side that failed one request in three could still read
+        // ready on the two it answered. It is compared as the answer the client would have
+        // got, and recorded; the outcome still says what happened. A failing legacy shadow
+        // (the new side is the authority) says nothing about the new side.
+        let (shadow, failed) = match shadow {
+            Ok(s) => (s, None),
+            Err(outcome @ (Outcome::ShadowError | Outcome::ShadowTimeout))
+                if route.authority == Side::Legacy =>
+            {
+                let answer = failed_answer(outcome, route, complete.elapsed());
+                (answer, Some(outcome))
+            }
             Err(outcome) => return outcome,
         };
+        let done = failed.unwrap_or(Outcome::Compared);
         // Shadow work yields to client work: when many slow shadows complete at once, their
         // comparisons queue behind the exchanges that are waiting, instead of ahead of them.
         tokio::task::yield_now().await;
@@ -646,9 +659,24 @@ impl Shadower {
             Side::Legacy => (authority, shadow),
             Side::New => (shadow, authority),
         };
-        let Some((comparison, legacy, new)) = self.compare(&route.comparator, legacy, new).await
-        else {
-            return Outcome::Aborted;
+        let (comparison, legacy, new) = if failed.is_some() {
+            // Only the status can be told apart: the body is ficus's error, not the new side's.
+            let (old, value) = (legacy.status.as_u16(), new.status.as_u16());
+            let diffs = if old == value {
+                Vec::new()
+            } else {
+                vec![Difference::Status { old, value }]
+            };
+            let comparison = compare::Comparison {
+                diffs,
+                exhausted: false,
+            };
+            (comparison, legacy, new)
+        } else {
+            let Some(compared) = self.compare(&route.comparator, legacy, new).await else {
+                return Outcome::Aborted;
+            };
+            compared
         };
         route.counters.legacy.record(legacy.latency, legacy.status);
         route.counters.new.record(new.latency, new.status);
@@ -664,6 +692,7 @@ impl Shadower {
             );
         }
         if !comparison.is_match()
+            && failed.is_none()
             && route.noise_probe > 0.0
             && is_safe(&head.method)
             && fastrand::f64() < route.noise_probe
@@ -690,7 +719,7 @@ impl Shadower {
                 // Only a panic gets here (logged where it happened); the comparison itself is
                 // done and counted, so its outcome stays `compared`.
                 tracing::error!(route = %route.name, "a divergence record could not be built");
-                return Outcome::Compared;
+                return done;
             };
             // Paths only: values are body data, and bodies never go to logs.
             info!(
@@ -717,7 +746,7 @@ impl Shadower {
                 .increment(1);
             self.recorder.record(record);
         }
-        Outcome::Compared
+        done
     }
 
     /// Sends the request to `upstream` as a shadow and captures the response (bounded).
@@ -970,6 +999,45 @@ pub fn is_safe(method: &Method) -> bool {
 }
 
 /// A complete response held for comparison.
+/// The answer a client would have got from ficus had the new side been the authority and
+/// failed as it did under the shadow (see [`Shadower`]'s comparison of such failures).
+fn failed_answer(outcome: Outcome, route: &RouteContext, latency: Duration) -> Captured {
+    let (status, code, message) = if outcome == Outcome::ShadowTimeout {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            format!(
+                "the new side sent no complete answer within the shadow timeout ({})",
+                humantime::format_duration(route.timeout)
+            ),
+        )
+    } else {
+        (
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "the new side failed: no connection, a reset, or a broken answer".to_string(),
+        )
+    };
+    let body = serde_json::json!({
+        "error": code,
+        "message": message,
+        "route": &*route.name,
+        "side": "new",
+        "shadow": true,
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Captured {
+        status,
+        headers,
+        body: Bytes::from(body.to_string()),
+        latency,
+    }
+}
+
 #[derive(Clone)]
 struct Captured {
     status: StatusCode,
