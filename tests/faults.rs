@@ -91,7 +91,11 @@ async fn a_shadow_side_answering_garbage_changes_nothing_for_clients() {
     );
     let records = proxy.wait_records(20).await;
     assert_eq!(records.len(), 20);
-    assert!(records.iter().all(|r| r.new.status == 502 && r.legacy.status == 200));
+    assert!(
+        records
+            .iter()
+            .all(|r| r.new.status == 502 && r.legacy.status == 200)
+    );
     task.abort();
 }
 

@@ -255,6 +255,34 @@ async fn a_hanging_shadow_side_never_holds_the_client() {
     release.notify_waiters();
 }
 
+/// The authority's answer was captured after ficus's edits (`Via` and `x-request-id` added,
+/// hop-by-hop fields removed) and the shadow side's as it came: a route comparing `via`
+/// diverged on every request, and every record showed those fields on one side only.
+#[tokio::test]
+async fn ficus_own_edits_of_an_answer_never_read_as_a_difference() {
+    let legacy = json_backend("legacy", json!({"total": 10})).await;
+    let new = json_backend("new", json!({"total": 11})).await;
+    let rules =
+        shadow_rules("[route.compare]\nheaders = [\"content-type\", \"via\", \"x-request-id\"]");
+    let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
+    let resp = client().get(proxy.url("/api/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let records = proxy.wait_records(1).await;
+    // Only the body differs.
+    assert_eq!(
+        serde_json::to_value(&records[0].diffs).unwrap(),
+        json!([{"in": "body", "op": "replace", "path": "/total", "old": 10, "value": 11}])
+    );
+    let (l, n) = (&records[0].legacy.headers, &records[0].new.headers);
+    for name in ["via", "x-request-id"] {
+        assert_eq!(
+            l.iter().any(|(k, _)| k == name),
+            n.iter().any(|(k, _)| k == name),
+            "{name}: {l:?} against {n:?}"
+        );
+    }
+}
+
 /// A new side that fails (here: no answer within the shadow timeout, every other request)
 /// used to leave only an outcome: the comparisons counted the requests it answered, and a
 /// route whose new side failed a third of the time could read ready. Each failure is now

@@ -783,6 +783,12 @@ impl Shadower {
             })?;
             route.counters.shadow_duration[side.index()].record(started.elapsed().as_secs_f64());
             let (parts, mut body) = resp.into_parts();
+            // The authority's answer is captured as the client gets it, after ficus's own edits
+            // (hop-by-hop fields out, `Via` and `x-request-id` in, lengths repaired): this one
+            // is edited the same way, so that those edits never read as a difference.
+            let mut edited = http::Response::from_parts(parts, ());
+            crate::proxy::headers::prepare_response(&mut edited, &head.request_id, false);
+            let (parts, ()) = edited.into_parts();
             let mut buf = bytes::BytesMut::new();
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|_| Outcome::ShadowError)?;
