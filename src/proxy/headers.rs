@@ -10,6 +10,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// RFC 7239's `Forwarded`: ficus does not write it, so only a trusted proxy's is believable.
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -275,6 +277,9 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 
 /// `X-Forwarded-For/-Proto/-Host`. Values sent by a peer outside `--trusted-proxies` are
 /// replaced, so nothing client-supplied reaches upstreams; a trusted proxy's are extended.
+/// A `Forwarded` (RFC 7239) field from an untrusted peer is removed: upstream frameworks that
+/// read it (Spring, Rails, Django behind a trusted ficus) would take its forged `for=`,
+/// `proto=` and `host=` for ficus's word.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
@@ -283,6 +288,9 @@ pub fn set_forwarded(
     trusted: bool,
 ) {
     let client = ip_value(client.to_canonical());
+    if !trusted {
+        headers.remove(&FORWARDED);
+    }
     // From a trusted proxy, the chain so far is kept and this peer appended; from anyone
     // else, whatever the client wrote is dropped, so it cannot forge an address.
     let before: Vec<&str> = if trusted {
