@@ -380,7 +380,8 @@ async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
     let new = Backend::start("new").await;
     let spoof = "GET /public/x HTTP/1.1\r\nHost: shop.test\r\nX-Forwarded-For: 203.0.113.9\r\n\
                  X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n\
-                 Forwarded: for=203.0.113.9;proto=https;host=evil.test\r\nConnection: close\r\n\r\n";
+                 Forwarded: for=203.0.113.9;proto=https;host=evil.test\r\n\
+                 X-Real-IP: 203.0.113.9\r\nX-Forwarded-Port: 443\r\nConnection: close\r\n\r\n";
 
     // Not trusted (the default): the client's values are replaced.
     let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
@@ -394,6 +395,9 @@ async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
     assert_eq!(seen["x-forwarded-host"], "shop.test");
     // RFC 7239's field says the same things: ficus does not write it, so it goes.
     assert!(!seen.contains_key("forwarded"), "{seen:?}");
+    // As are the address and port fields ficus does not write either.
+    assert!(!seen.contains_key("x-real-ip"), "{seen:?}");
+    assert!(!seen.contains_key("x-forwarded-port"), "{seen:?}");
     drop(proxy);
 
     // Loopback trusted: the chain is kept and extended, proto and host kept.
@@ -413,6 +417,8 @@ async fn forwarded_headers_are_believed_only_from_trusted_proxies() {
         seen["forwarded"],
         "for=203.0.113.9;proto=https;host=evil.test"
     );
+    assert_eq!(seen["x-real-ip"], "203.0.113.9");
+    assert_eq!(seen["x-forwarded-port"], "443");
 }
 
 /// One HTTP/2 frame: its 9-byte header and payload.

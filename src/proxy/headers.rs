@@ -10,8 +10,15 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-/// RFC 7239's `Forwarded`: ficus does not write it, so only a trusted proxy's is believable.
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// Fields that tell an upstream who the client is or how it connected, which ficus does not
+/// write: only a trusted proxy's are believable. RFC 7239's `Forwarded`; `X-Real-IP`, which
+/// nginx-style middlewares (Go chi's `RealIP`, Rack) take for the client's address; and
+/// `X-Forwarded-Port`, which frameworks build absolute URLs from.
+static UNWRITTEN_FORWARDING: [HeaderName; 3] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+];
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -277,9 +284,9 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 
 /// `X-Forwarded-For/-Proto/-Host`. Values sent by a peer outside `--trusted-proxies` are
 /// replaced, so nothing client-supplied reaches upstreams; a trusted proxy's are extended.
-/// A `Forwarded` (RFC 7239) field from an untrusted peer is removed: upstream frameworks that
-/// read it (Spring, Rails, Django behind a trusted ficus) would take its forged `for=`,
-/// `proto=` and `host=` for ficus's word.
+/// `Forwarded` (RFC 7239), `X-Real-IP` and `X-Forwarded-Port` from an untrusted peer are
+/// removed: upstreams that read them behind a trusted ficus would take a forged client
+/// address, scheme, host or port for ficus's word.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
@@ -289,7 +296,9 @@ pub fn set_forwarded(
 ) {
     let client = ip_value(client.to_canonical());
     if !trusted {
-        headers.remove(&FORWARDED);
+        for name in &UNWRITTEN_FORWARDING {
+            headers.remove(name);
+        }
     }
     // From a trusted proxy, the chain so far is kept and this peer appended; from anyone
     // else, whatever the client wrote is dropped, so it cannot forge an address.
