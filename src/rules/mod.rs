@@ -938,9 +938,12 @@ pub fn parse_upstream_url(url: &str) -> Result<Uri, (String, String)> {
     let Some(authority) = uri.authority() else {
         return Err((format!("upstream URL `{url}` has no host"), hint()));
     };
-    if authority.as_str().contains('@') {
+    if let Some((userinfo, _)) = authority.as_str().rsplit_once('@') {
+        // Named without them: the URL may come from the environment (`${ORDERS_URL}`), and
+        // this message goes to the logs and to the admin API's reload answer.
+        let shown = url.replacen(userinfo, "***", 1);
         return Err((
-            format!("upstream URL `{url}` carries credentials"),
+            format!("upstream URL `{shown}` carries credentials"),
             "ficus forwards the client's Authorization; credentials in upstream URLs are not supported".into(),
         ));
     }

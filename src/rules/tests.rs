@@ -328,6 +328,23 @@ fn env_expansion() {
 }
 
 #[test]
+fn credentials_in_an_upstream_url_are_not_repeated_in_the_error() {
+    let errs = load_sources(
+        vec![(
+            "r.toml".into(),
+            "[upstreams]\norders = \"${ORDERS_URL}\"\n".into(),
+        )],
+        &|n| (n == "ORDERS_URL").then(|| "http://svc:hunter2@orders:7001".to_string()),
+    )
+    .unwrap_err();
+    let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert_eq!(text.len(), 1, "{text:?}");
+    assert!(text[0].contains("carries credentials"), "{text:?}");
+    assert!(text[0].contains("http://***@orders:7001"), "{text:?}");
+    assert!(!text[0].contains("hunter2"), "{text:?}");
+}
+
+#[test]
 fn builtin_upstream_settings_may_be_given_once() {
     let errs = load_sources(
         vec![
