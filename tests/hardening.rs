@@ -1225,3 +1225,22 @@ async fn http1_clients_that_read_nothing_cost_bounded_memory() {
         "{CONNECTIONS} HTTP/1.1 connections left unread grew ficus by {grown} MiB"
     );
 }
+
+#[tokio::test]
+async fn a_request_target_with_userinfo_is_refused() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
+    // Routing would read `shop.test`; the upstream would get `Host: evil.test@shop.test`.
+    let raw = b"GET http://evil.test@shop.test/public/x HTTP/1.1\r\nHost: shop.test\r\n\
+                Connection: close\r\n\r\n";
+    let (status, text) = exchange(proxy.ficus.proxy_addr(), raw).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("userinfo"), "{text}");
+    assert_eq!(legacy.count(), 0);
+    // Without userinfo, the absolute form is served.
+    let raw =
+        b"GET http://shop.test/public/x HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n";
+    assert_eq!(exchange(proxy.ficus.proxy_addr(), raw).await.0, 200);
+    assert_eq!(legacy.last().headers["host"], "shop.test");
+}

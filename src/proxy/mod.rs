@@ -183,6 +183,20 @@ impl Proxy {
         if let Err(e) = canonicalize(&mut req) {
             return reject(e, &req, &request_id);
         }
+        // Userinfo in the request target (`GET http://a@b/`, or an HTTP/2 `:authority` with
+        // one) is an error (RFC 9110 4.2.4, RFC 9113 8.3.1): routing reads the host after the
+        // `@`, and the upstream would get all of it as its `Host`, a host it was not routed by.
+        if req
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'))
+        {
+            return reject(
+                ProxyError::BadRequest("the request target carries userinfo"),
+                &req,
+                &request_id,
+            );
+        }
         // A tunnel to anywhere is not ficus's to open: refused before any route or upstream.
         if req.method() == Method::CONNECT {
             return reject(ProxyError::MethodNotAllowed("CONNECT"), &req, &request_id);
