@@ -120,7 +120,8 @@ struct ServeArgs {
     /// webpki roots).
     #[arg(long, env = "FICUS_UPSTREAM_CA", value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
-    /// Time allowed to connect to an upstream (rules may override per upstream).
+    /// Time allowed to connect to an upstream, TLS handshake included (rules may override
+    /// per upstream).
     #[arg(long, env = "FICUS_CONNECT_TIMEOUT", value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
     /// Time allowed until an upstream's response head arrives (rules may override).

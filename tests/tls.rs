@@ -130,6 +130,34 @@ async fn untrusted_upstream_certificate_gives_502() {
     assert_eq!(body["error"], "upstream_unavailable");
 }
 
+/// An https upstream that accepts the connection and never answers the TLS handshake was
+/// only given up at the upstream timeout (30 s), as a 504 `upstream_timeout`: the connect
+/// timeout covered the TCP connect alone. It now covers the handshake too.
+#[tokio::test]
+async fn a_tls_handshake_that_never_ends_is_a_connect_timeout() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let new = Backend::start("new").await;
+    let legacy_url = format!("https://localhost:{port}").parse().unwrap();
+    let proxy = TestProxy::start_with("[[route]]\nname = \"all\"\n", legacy_url, new.url(), |c| {
+        c.connect_timeout = std::time::Duration::from_millis(300);
+        c.upstream_timeout = std::time::Duration::from_secs(20);
+    })
+    .await;
+    let resp = support::client().get(proxy.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_connect_timeout", "{body}");
+    hold.abort();
+}
+
 /// A certificate file without a certificate (the key given twice, the files swapped, a DER
 /// file) is refused at start-up with an error that names the file and the mistake, not
 /// rustls's "peer sent no certificates".

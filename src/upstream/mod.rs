@@ -25,7 +25,7 @@ use crate::rules::{LEGACY_UPSTREAM, NEW_UPSTREAM, UpstreamDef};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type ficus sends and returns: upstream and client bodies stream through as is.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient = Client<Deadline<HttpsConnector<HttpConnector>>, Body>;
 
 /// Settings for upstreams that the rules do not override.
 #[derive(Debug, Clone)]
@@ -134,8 +134,9 @@ impl ClientCache {
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        // ALPN is left to the connector: it offers http/1.1 only (`enable_http1`), which
-        // carries upgrades (WebSocket) as well.
+        // ALPN is left to the connector, which refuses a preset one. With HTTP/1.1 only
+        // (`enable_http1`) it offers none, and servers then speak HTTP/1.1, which carries
+        // upgrades (WebSocket) as well.
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
@@ -177,7 +178,10 @@ impl ClientCache {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(self.pool_idle_timeout)
             .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-            .build(https)
+            .build(Deadline {
+                inner: https,
+                timeout: connect_timeout,
+            })
     }
 
     /// Turns the rules' upstream definitions into live upstreams.
@@ -248,5 +252,49 @@ mod tests {
         assert_eq!(host("https://new.internal:80"), "new.internal:80");
         assert_eq!(host("http://[::1]:9000"), "[::1]:9000");
         assert_eq!(host("http://user@h.example:81"), "h.example:81");
+    }
+}
+
+/// A connector whose connections must be ready (TCP connected and, for https, the TLS
+/// handshake done) within `timeout`: `HttpConnector`'s own timeout covers the TCP connect
+/// only, and hyper-rustls has none, so an upstream that accepted and then never answered the
+/// handshake was only given up at the upstream timeout (30 s), as a 504 `upstream_timeout`
+/// instead of `upstream_connect_timeout`.
+#[derive(Clone)]
+pub struct Deadline<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+impl<C> tower_service::Service<Uri> for Deadline<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect and TLS handshake not done within {timeout:?}"),
+                )) as BoxError),
+            }
+        })
     }
 }
