@@ -159,7 +159,13 @@ async fn smuggling_attempts_are_refused_before_any_upstream() {
     let new = Backend::start("new").await;
     let proxy = TestProxy::start(RULES, legacy.url(), new.url()).await;
     let addr = proxy.ficus.proxy_addr();
-    let attempts: [&[u8]; 5] = [
+    let attempts: [&[u8]; 9] = [
+        // Two hosts: routing would read one, an upstream or a cache perhaps the other.
+        b"GET /public/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        // No host at all, a host with userinfo, a list of hosts (RFC 9112 3.2).
+        b"GET /public/x HTTP/1.1\r\n\r\n",
+        b"GET /public/x HTTP/1.1\r\nHost: evil@a\r\n\r\n",
+        b"GET /public/x HTTP/1.1\r\nHost: a, b\r\n\r\n",
         // Two different lengths.
         b"POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
         // Obsolete line folding.

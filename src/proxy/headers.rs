@@ -282,6 +282,19 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the request has one `Host` field, whose value is a host with an optional port
+/// (no userinfo, path or list).
+pub fn has_one_valid_host(headers: &HeaderMap) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return false;
+    };
+    host.to_str()
+        .ok()
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .is_some_and(|a| !a.as_str().contains('@') && !a.host().is_empty())
+}
+
 /// `X-Forwarded-For/-Proto/-Host`. Values sent by a peer outside `--trusted-proxies` are
 /// replaced, so nothing client-supplied reaches upstreams; a trusted proxy's are extended.
 /// `Forwarded` (RFC 7239), `X-Real-IP` and `X-Forwarded-Port` from an untrusted peer are

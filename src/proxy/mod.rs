@@ -197,6 +197,17 @@ impl Proxy {
                 &request_id,
             );
         }
+        // An HTTP/1.1 request has exactly one `Host`, and a valid one (RFC 9112 3.2: 400
+        // otherwise). With two, routing reads the first, and an upstream (or a cache on the
+        // way) may believe the other: a host ficus did not route by. HTTP/1.0 may omit it;
+        // HTTP/2 names the host in `:authority`.
+        if req.version() == Version::HTTP_11 && !headers::has_one_valid_host(req.headers()) {
+            return reject(
+                ProxyError::BadRequest("an HTTP/1.1 request needs exactly one valid Host header"),
+                &req,
+                &request_id,
+            );
+        }
         // A tunnel to anywhere is not ficus's to open: refused before any route or upstream.
         if req.method() == Method::CONNECT {
             return reject(ProxyError::MethodNotAllowed("CONNECT"), &req, &request_id);
