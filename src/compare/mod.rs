@@ -69,8 +69,8 @@ pub struct CompareSpec {
     pub numeric_tolerance: Option<f64>,
     /// Cap for a decompressed body; larger bodies give a `too_large` difference.
     pub max_decompressed_bytes: usize,
-    /// Body paths whose values are replaced by `"[redacted]"` in records (the comparison
-    /// still sees them).
+    /// Body paths whose values, and everything beneath them, are replaced by `"[redacted]"`
+    /// in records (the comparison still sees them).
     pub redact: Vec<String>,
 }
 
@@ -122,8 +122,10 @@ impl CompareSpec {
         }
         let mut redact = Vec::new();
         for (index, raw) in self.redact.iter().enumerate() {
+            // A redacted value is hidden whole: a difference found inside it (its path
+            // below the pattern) must not show the parts either.
             match Pattern::parse(raw) {
-                Ok(p) => redact.push(p),
+                Ok(p) => redact.push(p.and_below()),
                 Err(e) => error("redact", index, e.message, e.hint),
             }
         }

@@ -95,6 +95,31 @@ mod tests {
     }
 
     #[test]
+    fn a_redacted_path_covers_differences_found_beneath_it() {
+        // `redact = ["/card"]` hides the whole card; a difference reported deeper inside it
+        // (its path starts below the pattern) must not carry the card's values either.
+        let c = comparator(&["/card", "/people/*/secret"]);
+        let mut d = Difference::Body(BodyDiff::Op(PatchOp::Replace {
+            path: "/card/number".into(),
+            old: json!("4111"),
+            value: json!("4222"),
+        }));
+        c.redact_diff(&mut d);
+        let text = serde_json::to_string(&d).unwrap();
+        assert!(!text.contains("4111") && !text.contains("4222"), "{text}");
+        let mut d = Difference::Body(BodyDiff::Op(PatchOp::Add {
+            path: "/people/0/secret/pin".into(),
+            value: json!({"digits": "1234"}),
+        }));
+        c.redact_diff(&mut d);
+        assert!(!serde_json::to_string(&d).unwrap().contains("1234"));
+        // Siblings of the redacted path keep their values.
+        let mut v = json!({"card": {"number": "4111"}, "cardholder": "Ann"});
+        c.redact_value("", &mut v);
+        assert_eq!(v, json!({"card": "[redacted]", "cardholder": "Ann"}));
+    }
+
+    #[test]
     fn redacts_values_inside_differences() {
         let c = comparator(&["/card/number"]);
         let mut d = Difference::Body(BodyDiff::Op(PatchOp::Replace {
