@@ -215,6 +215,7 @@ impl Record {
         let mut noisy_diffs = ex.noisy_diffs;
         for d in diffs.iter_mut().chain(noisy_diffs.iter_mut()) {
             c.redact_diff(d);
+            redact_secret_header(d);
         }
         let paths = paths(&diffs);
         Record {
@@ -301,6 +302,18 @@ pub fn fingerprint(route: &str, paths: &[String]) -> String {
         key.push_str(p);
     }
     format!("{:016x}", xxh3_64(key.as_bytes()))
+}
+
+/// A route may compare a secret header (`headers = ["set-cookie"]`): its difference keeps the
+/// path (it still counts) but not the values, as in the record's header lists.
+fn redact_secret_header(diff: &mut Difference) {
+    if let Difference::Header { path, old, value } = diff
+        && SECRET_HEADERS.contains(&path.as_str())
+    {
+        for side in [old, value].into_iter().flatten() {
+            *side = REDACTED.to_string();
+        }
+    }
 }
 
 fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {

@@ -160,3 +160,57 @@ fn bodies_are_cut_at_the_limit_on_a_char_boundary() {
     assert_eq!(r.legacy.body.body, None);
     assert_eq!(r.legacy.body.body_len, 3);
 }
+
+#[test]
+fn compared_secret_headers_are_redacted_in_header_differences() {
+    // A route may compare `set-cookie` (or `authorization`): the difference it reports must
+    // not carry the values the record's header lists always redact.
+    let c = CompareSpec {
+        headers: vec!["set-cookie".into(), "x-version".into()],
+        ..CompareSpec::default()
+    }
+    .compile()
+    .unwrap();
+    let h = HeaderMap::new();
+    let uri: Uri = "/".parse().unwrap();
+    let diffs = vec![
+        Difference::Header {
+            path: "set-cookie".into(),
+            old: Some("session=legacy-secret".into()),
+            value: Some("session=new-secret".into()),
+        },
+        Difference::Header {
+            path: "authorization".into(),
+            old: None,
+            value: Some("Bearer tok-secret".into()),
+        },
+        Difference::Header {
+            path: "x-version".into(),
+            old: Some("1".into()),
+            value: Some("2".into()),
+        },
+    ];
+    let mut ex = exchange(&c, &h, &uri, b"", diffs.clone());
+    ex.noisy_diffs = diffs;
+    let r = Record::build(ex, &Policy::default(), SystemTime::now());
+    let text = serde_json::to_string(&r).unwrap();
+    assert!(!text.contains("secret"), "{text}");
+    assert_eq!(
+        r.diffs[1],
+        Difference::Header {
+            path: "authorization".into(),
+            old: None,
+            value: Some(REDACTED.into()),
+        },
+        "an absent side stays absent"
+    );
+    assert_eq!(
+        r.diffs[2],
+        Difference::Header {
+            path: "x-version".into(),
+            old: Some("1".into()),
+            value: Some("2".into()),
+        }
+    );
+    assert!(r.paths.contains(&"header:set-cookie".to_string()));
+}
