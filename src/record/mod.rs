@@ -78,7 +78,7 @@ pub struct RecordedResponse {
 }
 
 /// A body as recorded: UTF-8 text (redacted, then cut at the record body limit), or only its
-/// length when it is not text.
+/// length when it is not text, or when its route redacts and it is not a JSON document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct RecordedBody {
     pub body: Option<String>,
@@ -339,9 +339,18 @@ fn recorded_body(bytes: &[u8], comparator: &Comparator, limit: usize) -> Recorde
         };
     };
     let mut text = std::borrow::Cow::Borrowed(text);
-    if comparator.redacts()
-        && let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&text)
-    {
+    if comparator.redacts() && !text.is_empty() {
+        // A body the redaction cannot read (malformed or truncated JSON, nested too deep, or
+        // not JSON at all) may still hold the values it exists to hide: keep its length only.
+        // A UTF-8 BOM before the document is allowed (RFC 8259 lets a parser ignore it).
+        let json = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let Ok(mut value) = serde_json::from_str::<serde_json::Value>(json) else {
+            return RecordedBody {
+                body: None,
+                body_len: bytes.len(),
+                body_truncated: false,
+            };
+        };
         comparator.redact_value("", &mut value);
         text = std::borrow::Cow::Owned(value.to_string());
     }

@@ -214,3 +214,46 @@ fn compared_secret_headers_are_redacted_in_header_differences() {
     );
     assert!(r.paths.contains(&"header:set-cookie".to_string()));
 }
+
+#[test]
+fn a_body_redaction_cannot_parse_is_not_stored_verbatim() {
+    let c = CompareSpec {
+        redact: vec!["/card/number".into()],
+        ..CompareSpec::default()
+    }
+    .compile()
+    .unwrap();
+    let h = HeaderMap::new();
+    let uri: Uri = "/".parse().unwrap();
+    // A UTF-8 BOM before the document: still redacted (and stored without the BOM).
+    let bom = b"\xef\xbb\xbf{\"card\":{\"number\":\"4111111111111111\"},\"total\":1}";
+    let r = Record::build(
+        exchange(&c, &h, &uri, bom, vec![]),
+        &Policy::default(),
+        SystemTime::now(),
+    );
+    assert_eq!(
+        r.legacy.body.body.as_deref(),
+        Some(r#"{"card":{"number":"[redacted]"},"total":1}"#)
+    );
+    assert_eq!(r.legacy.body.body_len, bom.len());
+    // A truncated document: it cannot be redacted, so only its length is kept.
+    let cut = br#"{"card":{"number":"4111111111111111"},"tot"#;
+    let r = Record::build(
+        exchange(&c, &h, &uri, cut, vec![]),
+        &Policy::default(),
+        SystemTime::now(),
+    );
+    let text = serde_json::to_string(&r).unwrap();
+    assert!(!text.contains("4111"), "{text}");
+    assert_eq!(r.legacy.body.body, None);
+    assert_eq!(r.legacy.body.body_len, cut.len());
+    // Without redaction, the same bytes are stored as they came.
+    let plain = Comparator::default();
+    let r = Record::build(
+        exchange(&plain, &h, &uri, cut, vec![]),
+        &Policy::default(),
+        SystemTime::now(),
+    );
+    assert_eq!(r.legacy.body.body.as_deref(), std::str::from_utf8(cut).ok());
+}
