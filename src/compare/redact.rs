@@ -26,8 +26,14 @@ impl Comparator {
         redact_walk(&self.redact, &mut path, value);
     }
 
-    /// Redacts the values a difference carries.
+    /// Redacts the values a difference carries. On a route that redacts, a text line diff
+    /// is replaced whole: it quotes the bodies, which no path can be found in.
     pub fn redact_diff(&self, diff: &mut Difference) {
+        if let Difference::Body(BodyDiff::Text { diff }) = diff
+            && self.redacts()
+        {
+            *diff = REDACTED.to_string();
+        }
         if let Difference::Body(BodyDiff::Op(op)) = diff {
             match op {
                 PatchOp::Add { path, value } => self.redact_value(path, value),
@@ -117,6 +123,36 @@ mod tests {
         let mut v = json!({"card": {"number": "4111"}, "cardholder": "Ann"});
         c.redact_value("", &mut v);
         assert_eq!(v, json!({"card": "[redacted]", "cardholder": "Ann"}));
+    }
+
+    #[test]
+    fn a_text_diff_on_a_redacting_route_does_not_quote_the_body() {
+        // A JSON answer sent as `text/plain` is compared as text, and a line diff would quote
+        // the values the route redacts.
+        let c = comparator(&["/card/number"]);
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", http::HeaderValue::from_static("text/plain"));
+        let legacy = br#"{"card":{"number":"4111111111111111"},"total":1}"#;
+        let new = br#"{"card":{"number":"4111111111111111"},"total":2}"#;
+        let response = |body: &'static [u8]| crate::compare::Response {
+            status: 200,
+            headers: &h,
+            body,
+        };
+        let mut diffs = c.compare(&response(legacy), &response(new)).diffs;
+        assert_eq!(diffs.len(), 1, "{diffs:?}");
+        c.redact_diff(&mut diffs[0]);
+        let text = serde_json::to_string(&diffs[0]).unwrap();
+        assert!(!text.contains("4111"), "{text}");
+        assert_eq!(
+            serde_json::to_value(&diffs[0]).unwrap(),
+            json!({"in": "body", "kind": "text", "diff": REDACTED})
+        );
+        // A route without redaction keeps its line diffs.
+        let plain = comparator(&[]);
+        let mut d = plain.compare(&response(legacy), &response(new)).diffs;
+        plain.redact_diff(&mut d[0]);
+        assert!(serde_json::to_string(&d[0]).unwrap().contains("4111"));
     }
 
     #[test]
