@@ -160,6 +160,15 @@ fn unordered_multisets_with_duplicates() {
             json!([{"id": 1}, 5, {"x": 1}]),
             json!([{"x": 1}, {"id": 1}, 5, 5]),
         ),
+        // Elements sharing a key, swapped: the same multiset, so no difference at all.
+        (
+            json!([{"id": 1, "v": 1}, {"id": 1, "v": 2}]),
+            json!([{"id": 1, "v": 2}, {"id": 1, "v": 1}]),
+        ),
+        (
+            json!([{"id": 1, "v": 1}, {"id": 2}, {"id": 1, "v": 2}, {"id": 1, "v": 3}]),
+            json!([{"id": 1, "v": 3}, {"id": 1, "v": 9}, {"id": 2}, {"id": 1, "v": 1}]),
+        ),
     ];
     for (a, b) in cases {
         assert_patch_up_to_order(&plain, a.clone(), b.clone());

@@ -502,7 +502,47 @@ impl<'v> Walker<'_, 'v> {
                     by_key.entry(k).or_default().push(j);
                 }
             }
+            // Elements sharing a key are the same entity only up to which is which: pair
+            // equal ones first, or a reordering of them would read as changes inside each.
+            let mut legacy_count: HashMap<Key<'v>, usize> = HashMap::new();
+            for v in x {
+                if let Some(k) = key_of(v, field) {
+                    *legacy_count.entry(k).or_default() += 1;
+                }
+            }
             for (i, v) in x.iter().enumerate() {
+                let Some(k) = key_of(v, field) else {
+                    continue;
+                };
+                let shared = legacy_count.get(&k).is_some_and(|&c| c > 1);
+                let Some(candidates) = by_key.get_mut(&k) else {
+                    continue;
+                };
+                if !shared && candidates.len() < 2 {
+                    continue;
+                }
+                // Candidates run from the highest new index down: the lowest equal one.
+                let mut found = None;
+                for pos in (0..candidates.len()).rev() {
+                    if self.work == 0 {
+                        break;
+                    }
+                    if self.eq_at(Seg::Index(i), &x[i], &y[candidates[pos]], depth + 1) {
+                        found = Some(pos);
+                        break;
+                    }
+                }
+                if let Some(pos) = found {
+                    let j = candidates.remove(pos);
+                    partner[i] = Some(j);
+                    taken[j] = true;
+                }
+            }
+            // The rest by key, in order.
+            for (i, v) in x.iter().enumerate() {
+                if partner[i].is_some() {
+                    continue;
+                }
                 if let Some(j) = key_of(v, field).and_then(|k| by_key.get_mut(&k)?.pop()) {
                     partner[i] = Some(j);
                     taken[j] = true;
