@@ -101,6 +101,9 @@ pub(super) fn codings(headers: &HeaderMap) -> Vec<String> {
     out
 }
 
+/// The most content codings undone on one body.
+const MAX_CODINGS: usize = 4;
+
 fn decode<'a>(
     side: Side,
     codings: &[String],
@@ -112,6 +115,15 @@ fn decode<'a>(
         return Ok(Decoded {
             bytes: Cow::Borrowed(body),
             opaque: !codings.iter().all(known),
+        });
+    }
+    // Each layer may inflate to the cap, so a body claiming hundreds of codings would cost
+    // hundreds of full-size inflations: real servers apply one, rarely two.
+    if codings.len() > MAX_CODINGS {
+        return Err(BodyDiff::Undecodable {
+            side,
+            encoding: codings.join(", "),
+            error: format!("more than {MAX_CODINGS} stacked content codings"),
         });
     }
     let mut bytes = Cow::Borrowed(body);

@@ -1074,3 +1074,32 @@ fn spec_errors_name_the_field_and_entry() {
         8 * 1024 * 1024
     );
 }
+
+#[test]
+fn a_stack_of_codings_is_undone_only_to_a_small_depth() {
+    // Every layer may inflate to the cap: a body stacked hundreds of codings deep would cost
+    // that many full-size inflations. Two layers decode; more than four are undecodable.
+    let cmp = Comparator::default();
+    let plain = headers(JSON);
+    let doc = br#"{"a":1}"#;
+    let two = gzip(&brotli(doc));
+    let enc = headers(&[
+        ("content-encoding", "br, gzip"),
+        ("content-type", "application/json"),
+    ]);
+    assert!(compare_full(&cmp, (200, &enc, &two), (200, &plain, doc)).is_empty());
+    let mut deep = doc.to_vec();
+    for _ in 0..5 {
+        deep = gzip(&deep);
+    }
+    let enc = headers(&[
+        ("content-encoding", "gzip, gzip, gzip"),
+        ("content-encoding", "gzip, gzip"),
+        ("content-type", "application/json"),
+    ]);
+    let d = compare_full(&cmp, (200, &enc, &deep), (200, &plain, doc));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0]["kind"], "undecodable", "{d:?}");
+    assert_eq!(d[0]["side"], "legacy", "{d:?}");
+    assert_eq!(d[0]["encoding"], "gzip, gzip, gzip, gzip, gzip", "{d:?}");
+}
