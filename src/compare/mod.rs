@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 pub use pattern::{generalize, pattern_matches};
-pub use redact::REDACTED;
+pub use redact::{REDACTED, SECRET_HEADERS};
 
 use pattern::Pattern;
 

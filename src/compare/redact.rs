@@ -10,6 +10,14 @@ use super::{BodyDiff, Comparator, Difference, PatchOp};
 /// What replaces a redacted value.
 pub const REDACTED: &str = "[redacted]";
 
+/// Headers whose values never leave the comparison: not in records, not in differences.
+pub const SECRET_HEADERS: [&str; 4] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+];
+
 impl Comparator {
     /// Whether this route redacts any body path.
     pub fn redacts(&self) -> bool {
@@ -27,8 +35,16 @@ impl Comparator {
     }
 
     /// Redacts the values a difference carries. On a route that redacts, a text line diff
-    /// is replaced whole: it quotes the bodies, which no path can be found in.
+    /// is replaced whole: it quotes the bodies, which no path can be found in. A secret
+    /// header that a route compares keeps its path (it still counts) but not its values.
     pub fn redact_diff(&self, diff: &mut Difference) {
+        if let Difference::Header { path, old, value } = diff
+            && SECRET_HEADERS.contains(&path.as_str())
+        {
+            for side in [old, value].into_iter().flatten() {
+                *side = REDACTED.to_string();
+            }
+        }
         if let Difference::Body(BodyDiff::Text { diff }) = diff
             && self.redacts()
         {
@@ -153,6 +169,34 @@ mod tests {
         let mut d = plain.compare(&response(legacy), &response(new)).diffs;
         plain.redact_diff(&mut d[0]);
         assert!(serde_json::to_string(&d[0]).unwrap().contains("4111"));
+    }
+
+    #[test]
+    fn secret_header_differences_lose_their_values_on_every_route() {
+        // What a replay answers with goes through here too, not only what is stored.
+        let c = comparator(&[]);
+        let mut d = Difference::Header {
+            path: "set-cookie".into(),
+            old: Some("session=abc".into()),
+            value: None,
+        };
+        c.redact_diff(&mut d);
+        assert_eq!(
+            d,
+            Difference::Header {
+                path: "set-cookie".into(),
+                old: Some(REDACTED.into()),
+                value: None,
+            }
+        );
+        let mut d = Difference::Header {
+            path: "x-version".into(),
+            old: Some("1".into()),
+            value: Some("2".into()),
+        };
+        let before = d.clone();
+        c.redact_diff(&mut d);
+        assert_eq!(d, before);
     }
 
     #[test]

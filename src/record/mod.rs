@@ -11,16 +11,8 @@ use http::{HeaderMap, Method, Uri};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::compare::{BodyDiff, Comparator, Difference, REDACTED, generalize};
+use crate::compare::{BodyDiff, Comparator, Difference, REDACTED, SECRET_HEADERS, generalize};
 use crate::rules::Side;
-
-/// Headers whose values never reach a record.
-const SECRET_HEADERS: [&str; 4] = [
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-];
 
 /// Where a record is in its review.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -215,7 +207,6 @@ impl Record {
         let mut noisy_diffs = ex.noisy_diffs;
         for d in diffs.iter_mut().chain(noisy_diffs.iter_mut()) {
             c.redact_diff(d);
-            redact_secret_header(d);
         }
         let paths = paths(&diffs);
         Record {
@@ -302,18 +293,6 @@ pub fn fingerprint(route: &str, paths: &[String]) -> String {
         key.push_str(p);
     }
     format!("{:016x}", xxh3_64(key.as_bytes()))
-}
-
-/// A route may compare a secret header (`headers = ["set-cookie"]`): its difference keeps the
-/// path (it still counts) but not the values, as in the record's header lists.
-fn redact_secret_header(diff: &mut Difference) {
-    if let Difference::Header { path, old, value } = diff
-        && SECRET_HEADERS.contains(&path.as_str())
-    {
-        for side in [old, value].into_iter().flatten() {
-            *side = REDACTED.to_string();
-        }
-    }
 }
 
 fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
