@@ -869,21 +869,28 @@ async fn an_h2_client_resetting_every_stream_is_disconnected() {
         }
         sent += 1;
     }
-    assert!(
-        h2_read_to_close(&mut s, true, Duration::from_secs(5))
-            .await
-            .is_some(),
-        "a client that reset all {sent} of its streams was still connected"
-    );
+    let frames = h2_read_to_close(&mut s, true, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| {
+            panic!("a client that reset all {sent} of its streams was still connected")
+        });
     assert!(
         legacy.count() < streams as usize / 2,
         "{} upstream requests for {streams} streams reset at once",
         legacy.count()
     );
+    // ficus's guard closes the connection and counts it. On a loaded machine the proxy may
+    // not accept the streams before their resets arrive; h2's own guard then closes it first,
+    // with a GOAWAY `ENHANCE_YOUR_CALM`.
+    const GOAWAY: u8 = 7;
+    const ENHANCE_YOUR_CALM: [u8; 4] = 11u32.to_be_bytes();
+    let calmed = frames
+        .iter()
+        .any(|(k, _, _, p)| *k == GOAWAY && p.get(4..8) == Some(&ENHANCE_YOUR_CALM[..]));
     let metrics = proxy.metrics().await;
     assert!(
-        metrics.contains("ficus_requests_rejected_total{reason=\"reset_flood\"}"),
-        "counted"
+        calmed || metrics.contains("ficus_requests_rejected_total{reason=\"reset_flood\"}"),
+        "closed by ficus's guard (counted) or by h2's"
     );
 
     // Other clients are served as before.
