@@ -293,7 +293,12 @@ impl Ficus {
             let stop = async move {
                 let _ = admin_shutdown.wait_for(|stop| *stop).await;
             };
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            let app = app.into_make_service_with_connect_info::<admin::listener::Peer>();
+            let admin_listener = admin::listener::AdminListener::new(
+                admin_listener,
+                admin::listener::MAX_CONNECTIONS,
+                admin::listener::IDLE_TIMEOUT,
+            );
             if let Err(e) = axum::serve(admin_listener, app)
                 .with_graceful_shutdown(stop)
                 .await

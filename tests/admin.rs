@@ -2391,3 +2391,57 @@ async fn the_cli_shows_a_note_without_its_control_characters() {
         "control characters reach the terminal: {out:?}"
     );
 }
+
+/// The admin port shares the process's file descriptors with the proxy, and `axum::serve`
+/// bounds neither the connections nor how long one may sit idle: clients that opened
+/// connections and left them could take the descriptors the proxy needs. A slow answer is
+/// not idleness.
+#[tokio::test]
+async fn the_admin_listener_bounds_its_connections_and_closes_idle_ones() {
+    use ficus::admin::listener::{AdminListener, Peer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let listener = AdminListener::new(tcp, 2, std::time::Duration::from_millis(300));
+    let app = axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+                "done"
+            }),
+        )
+        .layer(axum::middleware::from_fn(ficus::admin::listener::busy));
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).await
+    });
+    // An answer that takes longer than the idle timeout still arrives, and the connection
+    // it came on stays usable.
+    let c = client();
+    let url = format!("http://{addr}/slow");
+    for _ in 0..2 {
+        let resp = c.get(&url).send().await.unwrap();
+        assert_eq!(resp.text().await.unwrap(), "done");
+    }
+    drop(c);
+    // A connection that sends nothing is closed after the idle timeout.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("an idle admin connection was still open 10 s later");
+    assert!(matches!(read, Ok(0) | Err(_)));
+    // Past the limit (2), a connection is closed at once, unanswered.
+    let _a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), third.read(&mut buf))
+        .await
+        .expect("the connection past the limit was still open 10 s later");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    server.abort();
+}

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
+pub mod listener;
 mod ui;
 
 use crate::proxy::Proxy;
@@ -125,6 +126,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             )
         })
         .layer(middleware::map_response(harden))
+        .layer(middleware::from_fn(listener::busy))
         .with_state(state)
 }
 
@@ -171,8 +173,8 @@ async fn auth(State(state): State<Arc<AdminState>>, mut req: Request, next: Next
     if state.tokens.is_empty() {
         let peer = req
             .extensions()
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
+            .get::<axum::extract::ConnectInfo<listener::Peer>>()
+            .map(|c| c.0.addr.ip());
         if !open_change_allowed(req.method(), peer) {
             return error(
                 StatusCode::FORBIDDEN,
