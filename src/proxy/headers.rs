@@ -289,10 +289,42 @@ pub fn has_one_valid_host(headers: &HeaderMap) -> bool {
     let (Some(host), None) = (hosts.next(), hosts.next()) else {
         return false;
     };
-    host.to_str()
-        .ok()
-        .and_then(|h| h.parse::<http::uri::Authority>().ok())
-        .is_some_and(|a| !a.as_str().contains('@') && !a.host().is_empty())
+    is_host_and_port(host.as_bytes())
+}
+
+/// `host [":" port]` (RFC 9110 7.2, RFC 3986 3.2.2-3.2.3), checked in place: parsing it as
+/// an `http::uri::Authority` would copy it, on every request.
+fn is_host_and_port(v: &[u8]) -> bool {
+    let (name, port) = if let Some(rest) = v.strip_prefix(b"[") {
+        // An IP literal; the zones and IPvFuture forms are never needed in a Host.
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        (None, &rest[end + 1..])
+    } else {
+        let split = v.iter().rposition(|&b| b == b':').unwrap_or(v.len());
+        (Some(&v[..split]), &v[split..])
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    // A reg-name: unreserved, sub-delims and percent-escapes; no `@`, space, `/`, `?`, `#`.
+    let name_ok = name.is_none_or(|n| {
+        !n.is_empty()
+            && n.iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
+    });
+    port_ok && name_ok
 }
 
 /// `X-Forwarded-For/-Proto/-Host`. Values sent by a peer outside `--trusted-proxies` are
@@ -441,6 +473,25 @@ fn single_content_length(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_values() {
+        for good in [
+            "a",
+            "shop.test",
+            "shop.test:8080",
+            "127.0.0.1:9",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(is_host_and_port(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "", ":80", "evil@a", "a, b", "a b", "a/b", "a:b", "[::1", "[]", "[x]:1",
+        ] {
+            assert!(!is_host_and_port(bad.as_bytes()), "{bad}");
+        }
+    }
 
     #[test]
     fn strips_listed_and_standard_hop_by_hop_headers() {
