@@ -47,7 +47,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| !(keep_upgrade && name == header::UPGRADE));
+            .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+            // ficus's own end-to-end fields: both sides of a shadowed request get the same
+            // request id, and a client cannot take it (or the trace context) from them.
+            .filter(|name| name != X_REQUEST_ID && name != TRACEPARENT);
         doomed.extend(listed);
     }
     for name in &doomed {
@@ -508,6 +511,22 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn connection_cannot_name_ficus_own_end_to_end_fields() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Request-Id, traceparent, x-other"),
+        );
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("id-1"));
+        h.insert(&TRACEPARENT, HeaderValue::from_static("t"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["traceparent", "x-request-id"]);
     }
 
     #[test]
