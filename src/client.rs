@@ -45,8 +45,9 @@ pub enum DivergencesCommand {
         /// open, acknowledged, expected or resolved.
         #[arg(long)]
         state: Option<String>,
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
+        /// At least 1; more than a page's 1000 are fetched page by page.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
         #[arg(long)]
         json: bool,
     },
@@ -323,6 +324,7 @@ pub async fn divergences(admin: &AdminArgs, cmd: DivergencesCommand) -> Result<(
             limit,
             json,
         } => {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             // A page may hold fewer records than asked, even none, with a cursor to go on: on
             // Redis a page reads a bounded number of index entries and checks the filter's
             // other conditions record by record. Follow it, or a selective filter would print

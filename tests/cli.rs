@@ -142,6 +142,14 @@ fn the_cli_gives_up_on_an_admin_api_that_never_answers() {
     drop(listener);
 }
 
+/// `--limit 0` reached the API as "no limit given" and printed its default page of 50.
+#[test]
+fn divergences_list_refuses_a_limit_of_zero() {
+    let (code, _, err) = ficus(&["divergences", "list", "--limit", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--limit"), "{err}");
+}
+
 #[test]
 fn help_documents_every_flag_and_its_environment_variable() {
     let (code, out, _) = ficus(&["serve", "--help"]);
