@@ -1506,6 +1506,44 @@ async fn replay_never_sends_a_redacted_request_body_placeholder_upstream() {
     assert_eq!(answer["error"], "unreplayable", "{answer}");
 }
 
+/// The same for a query: `access_token` is stored as `[redacted]`, and a replay would send
+/// that to both sides (a 401 on legacy, which then reads as "not reproduced").
+#[tokio::test]
+async fn replay_never_sends_a_redacted_query_placeholder_upstream() {
+    let bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let legacy = body_keeping("legacy", bodies.clone()).await;
+    let new = body_keeping("new", bodies.clone()).await;
+    let rules = "[[route]]\nname = \"feed\"\n[route.shadow]\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let resp = client()
+        .get(proxy.url("/feed?access_token=abc123&page=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let records = proxy.wait_records(1).await;
+    let record = &records[0];
+    assert_eq!(
+        record.request.query.as_deref(),
+        Some("access_token=[redacted]&page=1")
+    );
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            bodies.lock().unwrap().len() == 2
+        })
+        .await
+    );
+    let resp = client()
+        .post(proxy.admin_url(&format!("/api/divergences/{}/replay", record.id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["error"], "unreplayable", "{answer}");
+    assert_eq!(bodies.lock().unwrap().len(), 2, "nothing was sent again");
+}
+
 /// A replay takes as long as both upstreams do; an operator's change to the record made
 /// meanwhile (state, note) must not be overwritten by the replay's copy of the record, read
 /// before the upstreams were called.

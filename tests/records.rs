@@ -17,6 +17,7 @@ name = "orders"
 [route.shadow]
 [route.compare]
 redact = ["/card/number"]
+redact_query = ["sig"]
 "#;
 
 /// Legacy and new disagree on `total`, so every mirrored request diverges.
@@ -46,7 +47,9 @@ async fn traffic(proxy: &TestProxy, n: usize) {
     let c = client();
     for i in 0..n {
         let resp = c
-            .get(proxy.url(&format!("/api/orders/{i}")))
+            .get(proxy.url(&format!(
+                "/api/orders/{i}?page=2&sig=t0psecretsig&access_token=t0ken"
+            )))
             .header("authorization", "Bearer s3cret")
             .send()
             .await
@@ -67,10 +70,16 @@ async fn sqlite_records_survive_a_restart_and_are_redacted() {
         // Whole numbers: ids and fingerprints are hex, and may hold "4111" by chance.
         !text.contains("s3cret")
             && !text.contains("4111111111111111")
-            && !text.contains("4222222222222222"),
+            && !text.contains("4222222222222222")
+            && !text.contains("t0psecretsig")
+            && !text.contains("t0ken"),
         "{text}"
     );
     assert!(text.contains("[redacted]"));
+    assert_eq!(
+        records[0].request.query.as_deref(),
+        Some("page=2&sig=[redacted]&access_token=[redacted]")
+    );
     // The same fingerprint for the same root cause.
     assert!(
         records

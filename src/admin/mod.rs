@@ -661,6 +661,19 @@ async fn replay_record(
             "the recorded request body has redacted values: replaying it would send the placeholder",
         ));
     }
+    // Likewise a query stored with `compare.redact_query` (or `access_token`) values hidden.
+    if record.request.query.as_deref().is_some_and(|q| {
+        q.split('&').any(|p| {
+            p.split_once('=')
+                .is_some_and(|(_, v)| v == crate::compare::REDACTED)
+        })
+    }) {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "unreplayable",
+            "the recorded query has redacted values: replaying it would send the placeholder",
+        ));
+    }
     let live = state.proxy.live();
     let Some(route) = live.rules.route_by_name(&record.route) else {
         return Err(Refusal::new(

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
 pub use pattern::{generalize, pattern_matches};
-pub use redact::{REDACTED, SECRET_HEADERS};
+pub use redact::{REDACTED, SECRET_HEADERS, SECRET_QUERY_PARAMS};
 
 use pattern::Pattern;
 
@@ -72,6 +72,9 @@ pub struct CompareSpec {
     /// Body paths whose values, and everything beneath them, are replaced by `"[redacted]"`
     /// in records (the comparison still sees them).
     pub redact: Vec<String>,
+    /// Query parameter names (percent-decoded, ASCII case-insensitive; `*` for all) whose
+    /// values are replaced by `[redacted]` in records. `access_token` always is.
+    pub redact_query: Vec<String>,
 }
 
 impl Default for CompareSpec {
@@ -85,6 +88,7 @@ impl Default for CompareSpec {
             numeric_tolerance: None,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             redact: Vec::new(),
+            redact_query: Vec::new(),
         }
     }
 }
@@ -127,6 +131,25 @@ impl CompareSpec {
             match Pattern::parse(raw) {
                 Ok(p) => redact.push(p.and_below()),
                 Err(e) => error("redact", index, e.message, e.hint),
+            }
+        }
+        let mut redact_query = QueryRedaction::default();
+        for (index, raw) in self.redact_query.iter().enumerate() {
+            match raw.as_str() {
+                "*" => redact_query.all = true,
+                "" => error(
+                    "redact_query",
+                    index,
+                    "empty query parameter name".to_string(),
+                    "write the parameter's name, as in `redact_query = [\"token\"]`, or `*` for every parameter".to_string(),
+                ),
+                name if name.contains(['&', '=', '?', '#']) => error(
+                    "redact_query",
+                    index,
+                    format!("`{name}` is not a query parameter name"),
+                    "write the name alone, without `?`, `=` or a value".to_string(),
+                ),
+                name => redact_query.names.push(name.to_ascii_lowercase()),
             }
         }
         let mut unordered = Vec::new();
@@ -231,6 +254,7 @@ impl CompareSpec {
             status_equivalent: self.status_equivalent.clone(),
             max_decompressed_bytes: self.max_decompressed_bytes,
             redact,
+            redact_query,
         })
     }
 }
@@ -243,6 +267,16 @@ pub struct Comparator {
     status_equivalent: Vec<Vec<u16>>,
     max_decompressed_bytes: usize,
     redact: Vec<Pattern>,
+    redact_query: QueryRedaction,
+}
+
+/// The query parameters whose values a route's records hide.
+#[derive(Debug, Clone, Default)]
+struct QueryRedaction {
+    /// `*`: every value.
+    all: bool,
+    /// Lowercased names.
+    names: Vec<String>,
 }
 
 impl Default for Comparator {
@@ -254,6 +288,7 @@ impl Default for Comparator {
             status_equivalent: Vec::new(),
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             redact: Vec::new(),
+            redact_query: QueryRedaction::default(),
         }
     }
 }

@@ -1025,6 +1025,7 @@ fn spec_errors_name_the_field_and_entry() {
         numeric_tolerance: Some(f64::NAN),
         max_decompressed_bytes: 0,
         redact: vec!["/card/number".into(), "card".into()],
+        redact_query: vec![String::new()],
     };
     let errors = spec.compile().unwrap_err();
     let got: Vec<(&str, usize)> = errors.iter().map(|e| (e.field, e.index)).collect();
@@ -1033,6 +1034,7 @@ fn spec_errors_name_the_field_and_entry() {
         vec![
             ("ignore", 1),
             ("redact", 1),
+            ("redact_query", 0),
             ("unordered", 0),
             ("array_keys", 0),
             ("array_keys", 1),

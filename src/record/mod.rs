@@ -218,7 +218,7 @@ impl Record {
             request: RecordedRequest {
                 method: ex.method.to_string(),
                 path: ex.uri.path().to_string(),
-                query: ex.uri.query().map(str::to_string),
+                query: ex.uri.query().map(|q| c.redact_query(q).into_owned()),
                 headers: header_pairs(ex.request_headers),
                 body: body(ex.request_body),
             },

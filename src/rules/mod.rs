@@ -781,6 +781,7 @@ impl Builder<'_> {
             status_equivalent: c.status_equivalent.clone().unwrap_or_default(),
             numeric_tolerance: c.numeric_tolerance,
             redact: strings(&c.redact),
+            redact_query: strings(&c.redact_query),
             ..CompareSpec::default()
         };
         match spec.compile() {
@@ -792,6 +793,7 @@ impl Builder<'_> {
                         "unordered" => c.unordered.as_ref(),
                         "headers" => c.headers.as_ref(),
                         "redact" => c.redact.as_ref(),
+                        "redact_query" => c.redact_query.as_ref(),
                         _ => None,
                     }
                     .and_then(|list| list.get(e.index));

@@ -105,4 +105,5 @@ pub(super) struct RawCompare {
     pub status_equivalent: Option<Vec<Vec<u16>>>,
     pub numeric_tolerance: Option<f64>,
     pub redact: Option<Vec<Spanned<String>>>,
+    pub redact_query: Option<Vec<Spanned<String>>>,
 }

@@ -189,6 +189,10 @@ fn rejects_bad_values_with_hints() {
             "[[route]]\nname = \"a\"\n[route.compare]\nignore = [\"meta\"]\n",
             "r.toml:4:11: error: compare.ignore: pattern `meta` must start with `/`",
         ),
+        (
+            "[[route]]\nname = \"a\"\n[route.compare]\nredact_query = [\"sig\", \"token=x\"]\n",
+            "r.toml:4:24: error: compare.redact_query: `token=x` is not a query parameter name",
+        ),
         ("[[route]]\npriority = 1\n", "missing field `name`"),
         (
             "[[route]]\nname = \"a\"\n[[route.classify]]\nclass = \"x\"\npaths = [\"meta\"]\n",
