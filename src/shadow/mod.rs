@@ -560,9 +560,14 @@ impl Shadower {
 
     /// Resolves once no shadow is in flight (every in-flight permit is back). Shutdown waits
     /// on it, within its deadline, so that shadows of finished exchanges end and record.
+    ///
+    /// The permits are watched, not acquired: a waiting `acquire_many` takes each permit as it
+    /// comes back, so other workers, still serving their last exchanges within the drain,
+    /// would find none and end those exchanges' shadows `dropped_overload`.
     pub async fn drained(&self) {
-        let all = u32::try_from(self.settings.max_inflight).unwrap_or(u32::MAX);
-        let _ = self.inflight.acquire_many(all).await;
+        while self.inflight.available_permits() < self.settings.max_inflight {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     async fn mirror(
@@ -1074,6 +1079,39 @@ impl Captured {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Nowhere;
+    impl Recorder for Nowhere {
+        fn record(&self, _record: Record) {}
+    }
+
+    /// One worker's drain waits for every shadow in flight, other workers' too; meanwhile
+    /// those workers still serve their last exchanges, whose shadows need permits.
+    #[tokio::test]
+    async fn waiting_for_the_drain_takes_no_permit_from_other_workers() {
+        let settings = Settings {
+            max_inflight: 2,
+            ..Settings::default()
+        };
+        let policy = Policy::default();
+        let shadower = Arc::new(Shadower::new(settings, Arc::new(Nowhere), policy));
+        let held = shadower.inflight.clone().try_acquire_owned().unwrap();
+        let draining = tokio::spawn({
+            let shadower = shadower.clone();
+            async move { shadower.drained().await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let other = shadower.inflight.clone().try_acquire_owned();
+        assert!(other.is_ok(), "a permit is free while the drain waits");
+        assert!(!draining.is_finished());
+        drop((held, other));
+        tokio::time::timeout(Duration::from_secs(10), draining)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 
     #[test]
     fn a_routes_table_of_noisy_paths_is_bounded() {
