@@ -43,6 +43,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// How often the TLS certificate files are checked for a change (then read again).
+    pub tls_check_interval: Duration,
     /// Extra CA certificates trusted for `https://` upstreams.
     pub upstream_ca: Option<PathBuf>,
     pub connect_timeout: Duration,
@@ -84,6 +86,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             tls: None,
+            tls_check_interval: Duration::from_secs(30),
             upstream_ca: None,
             connect_timeout: Duration::from_secs(2),
             upstream_timeout: Duration::from_secs(30),
@@ -159,6 +162,8 @@ pub struct Ficus {
     proxy: Arc<Proxy>,
     writer: Arc<store::writer::Writer>,
     reloads: Arc<ReloadStats>,
+    /// The listener's certificate, when it terminates TLS.
+    cert: Option<Arc<server::ServerCert>>,
     shutdown: watch::Sender<bool>,
     /// One per worker thread; resolves when the worker has drained and stopped.
     server: Vec<tokio::sync::oneshot::Receiver<()>>,
@@ -216,9 +221,14 @@ impl Ficus {
             config.limits.clone(),
         ));
         let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
-        let tls = match &config.tls {
-            Some(files) => Some(server::tls_acceptor(&files.cert, &files.key)?),
-            None => None,
+        let (tls, cert) = match &config.tls {
+            Some(files) => {
+                let (acceptor, cert) = server::tls_acceptor(&files.cert, &files.key)?;
+                metrics::counter!(telemetry::TLS_CERT_RELOADS_TOTAL, "result" => "error")
+                    .increment(0);
+                (Some(acceptor), Some(cert))
+            }
+            None => (None, None),
         };
 
         let workers = match config.workers {
@@ -268,6 +278,25 @@ impl Ficus {
                             if let Err(e) = proxy.sync_overrides(&*store).await {
                                 tracing::debug!(error = %e, "cannot read overrides from the store");
                             }
+                        }
+                        _ = stop.changed() => return,
+                    }
+                }
+            });
+        }
+        if let Some(cert) = cert.clone() {
+            // The certificate files are checked for changes (a rotation) and read again when
+            // they have; reading them is file I/O and a key parse, not for this thread.
+            let mut stop = shutdown_rx.clone();
+            let every = config.tls_check_interval;
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(every);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {
+                            let cert = cert.clone();
+                            let _ = tokio::task::spawn_blocking(move || cert.refresh(false)).await;
                         }
                         _ = stop.changed() => return,
                     }
@@ -366,6 +395,7 @@ impl Ficus {
             proxy,
             writer,
             reloads,
+            cert,
             shutdown,
             server,
             admin,
@@ -388,6 +418,12 @@ impl Ficus {
     /// Reloads the rules now (what SIGHUP does). On error the rules in force stay.
     pub fn reload(&self) -> Result<usize, Vec<Diagnostic>> {
         reload(&self.proxy, &self.config.rules, &self.reloads)
+    }
+
+    /// Reads the listener's certificate and key again (what SIGHUP does besides the rules).
+    /// On error the pair in force stays. Without TLS, nothing to do.
+    pub fn reload_tls(&self) -> Result<(), server::TlsConfigError> {
+        self.cert.as_ref().map_or(Ok(()), |c| c.reload())
     }
 
     /// The record writer (and through it, the store).
@@ -492,6 +528,9 @@ pub async fn wait_for_signals(ficus: &Ficus) {
                 let (proxy, path) = (ficus.proxy.clone(), ficus.config.rules.clone());
                 let stats = ficus.reloads.clone();
                 tokio::task::spawn_blocking(move || reload(&proxy, &path, &stats));
+                if let Some(cert) = ficus.cert.clone() {
+                    tokio::task::spawn_blocking(move || cert.refresh(true));
+                }
             }
         }
     }

@@ -100,7 +100,8 @@ struct ServeArgs {
     new: Uri,
     #[command(flatten)]
     listen: ListenArgs,
-    /// PEM certificate chain: serve HTTPS (with HTTP/2 by ALPN) on --listen.
+    /// PEM certificate chain: serve HTTPS (with HTTP/2 by ALPN) on --listen. Read again
+    /// when it or the key changes (checked every 30 s, and on SIGHUP).
     #[arg(
         long,
         env = "FICUS_TLS_CERT",

@@ -182,3 +182,80 @@ fn a_certificate_file_without_a_certificate_is_named_in_the_error() {
     // The real pair still loads.
     assert!(ficus::server::tls_acceptor(&pki.cert, &pki.key).is_ok());
 }
+
+/// Whether a fresh connection that trusts `pki`'s CA is served.
+async fn served_trusting(pki: &Pki, port: u16) -> bool {
+    let url = format!("https://localhost:{port}/x");
+    tls_client(pki, false)
+        .request(Request::get(&url).body(Empty::new()).unwrap())
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK)
+}
+
+/// Certificates are rotated while the proxy runs (cert-manager renews at two thirds of the
+/// lifetime): the files are checked and read again, by a Kubernetes-style swap of the
+/// directory as by a write in place, and a pair that does not load (a key from another
+/// rotation, a half-written file) leaves the one in force.
+#[tokio::test]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    std::fs::create_dir_all(&one).unwrap();
+    std::fs::create_dir_all(&two).unwrap();
+    let (old, new_pki) = (pki(&one), pki(&two));
+    // The listener reads `live/`, a symlink swapped to another directory, as in a secret mount.
+    let live = dir.path().join("live");
+    std::os::unix::fs::symlink(&one, &live).unwrap();
+    let backend = Backend::start("legacy").await;
+    let other = Backend::start("new").await;
+    let proxy = TestProxy::start_with(
+        "[[route]]\nname = \"all\"\n",
+        backend.url(),
+        other.url(),
+        |c| {
+            c.tls = Some(ficus::TlsFiles {
+                cert: live.join("cert.pem"),
+                key: live.join("key.pem"),
+            });
+            c.tls_check_interval = std::time::Duration::from_millis(50);
+        },
+    )
+    .await;
+    let port = proxy.ficus.proxy_addr().port();
+    assert!(served_trusting(&old, port).await);
+    assert!(!served_trusting(&new_pki, port).await);
+
+    let swapped = dir.path().join("live.tmp");
+    std::os::unix::fs::symlink(&two, &swapped).unwrap();
+    std::fs::rename(&swapped, &live).unwrap();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || served_trusting(
+            &new_pki, port
+        ))
+        .await,
+        "the rotated certificate is served"
+    );
+    assert!(!served_trusting(&old, port).await);
+
+    // A key that is not the certificate's (caught mid-rotation), then a truncated certificate:
+    // each is refused, and the pair in force still serves.
+    let key = std::fs::read(&new_pki.key).unwrap();
+    std::fs::copy(&old.key, &new_pki.key).unwrap();
+    let err = proxy.ficus.reload_tls().unwrap_err().to_string();
+    assert!(err.contains("key"), "{err}");
+    std::fs::write(&new_pki.key, &key).unwrap();
+    let cert = std::fs::read_to_string(&new_pki.cert).unwrap();
+    std::fs::write(&new_pki.cert, &cert[..cert.len() / 2]).unwrap();
+    assert!(proxy.ficus.reload_tls().is_err());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        served_trusting(&new_pki, port).await,
+        "the pair in force stays"
+    );
+
+    // Written whole again in place, and read again.
+    std::fs::write(&new_pki.cert, &cert).unwrap();
+    assert!(proxy.ficus.reload_tls().is_ok());
+    assert!(served_trusting(&new_pki, port).await);
+}

@@ -3,23 +3,25 @@
 //! shutdown that stops accepting and lets in-flight exchanges finish within a deadline.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::proxy::{ConnInfo, Proxy};
 
@@ -130,8 +132,115 @@ pub enum TlsConfigError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Builds the listener's TLS acceptor from PEM files.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsConfigError> {
+/// The listener's certificate and key, read again when their files change: certificates are
+/// rotated (cert-manager, ACME) while the process runs, and a proxy that kept the one it
+/// started with would serve it past its expiry. A pair that fails to load (a half-written
+/// file, a key that does not match the certificate) leaves the pair in force.
+#[derive(Debug)]
+pub struct ServerCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: ArcSwap<CertifiedKey>,
+    /// What the files looked like when `current` was read from them.
+    stamp: Mutex<Option<[FileStamp; 2]>>,
+}
+
+/// Identity, length and modification time of a file, following symlinks: a Kubernetes secret
+/// mount swaps a symlink to a new directory, an editor renames a new file over the old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            modified: m.modified().ok(),
+        })
+    }
+}
+
+impl ServerCert {
+    /// Reads the pair; fails if either file is unreadable, or the key does not match.
+    pub fn load(cert: &Path, key: &Path) -> Result<ServerCert, TlsConfigError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let stamp = Self::stamps(cert, key);
+        let current = read_pair(cert, key, &provider)?;
+        Ok(ServerCert {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            provider,
+            current: ArcSwap::from_pointee(current),
+            stamp: Mutex::new(stamp),
+        })
+    }
+
+    fn stamps(cert: &Path, key: &Path) -> Option<[FileStamp; 2]> {
+        Some([FileStamp::of(cert)?, FileStamp::of(key)?])
+    }
+
+    /// Reads the pair again and puts it in force for new handshakes. On error the pair in
+    /// force stays.
+    pub fn reload(&self) -> Result<(), TlsConfigError> {
+        let stamp = Self::stamps(&self.cert, &self.key);
+        let pair = read_pair(&self.cert, &self.key, &self.provider);
+        // Stamped even when it fails: a broken pair is reported once, not at every check,
+        // and read again when either file changes.
+        *self.stamp.lock().unwrap_or_else(PoisonError::into_inner) = stamp;
+        self.current.store(Arc::new(pair?));
+        Ok(())
+    }
+
+    /// Reloads if either file changed since it was last read. `None` if nothing changed.
+    pub fn reload_if_changed(&self) -> Option<Result<(), TlsConfigError>> {
+        let now = Self::stamps(&self.cert, &self.key);
+        let changed = *self.stamp.lock().unwrap_or_else(PoisonError::into_inner) != now;
+        changed.then(|| self.reload())
+    }
+
+    /// Reloads (when `force`, or when the files changed), logs and counts the outcome.
+    pub fn refresh(&self, force: bool) {
+        let outcome = if force {
+            Some(self.reload())
+        } else {
+            self.reload_if_changed()
+        };
+        match outcome {
+            None => {}
+            Some(Ok(())) => {
+                info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                metrics::counter!(crate::telemetry::TLS_CERT_RELOADS_TOTAL, "result" => "ok")
+                    .increment(1);
+            }
+            Some(Err(e)) => {
+                error!(error = %e, "TLS certificate not reloaded; the one in force stays");
+                metrics::counter!(crate::telemetry::TLS_CERT_RELOADS_TOTAL, "result" => "error")
+                    .increment(1);
+            }
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn read_pair(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, TlsConfigError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|source| TlsConfigError::Cert {
@@ -147,13 +256,24 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsConfigErr
         path: key.display().to_string(),
         source,
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    // Checks that the key is the certificate's: during a rotation the two files may be
+    // caught one old and one new.
+    Ok(CertifiedKey::from_der(certs, key, provider)?)
+}
+
+/// Builds the listener's TLS acceptor from PEM files, with the certificate handle that
+/// reloads them.
+pub fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+) -> Result<(TlsAcceptor, Arc<ServerCert>), TlsConfigError> {
+    let certs = Arc::new(ServerCert::load(cert, key)?);
+    let mut config = rustls::ServerConfig::builder_with_provider(certs.provider.clone())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(certs.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok((TlsAcceptor::from(Arc::new(config)), certs))
 }
 
 /// Accepts connections until `shutdown` turns true, then drains in-flight exchanges for at

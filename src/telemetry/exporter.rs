@@ -92,6 +92,10 @@ fn describe() {
     );
     describe_counter!(STORE_DROPPED_TOTAL, "Divergence records lost, by reason.");
     describe_counter!(RULES_RELOADS_TOTAL, "Rules reloads by result (ok, error).");
+    describe_counter!(
+        TLS_CERT_RELOADS_TOTAL,
+        "Reloads of the listener's TLS certificate by result (ok, error); on error the one in force stays."
+    );
     describe_gauge!(
         RULES_LOADED_TIMESTAMP_SECONDS,
         Unit::Seconds,

@@ -51,6 +51,8 @@ pub const SHADOW_TOTAL: &str = "ficus_shadow_total";
 pub const COMPARISONS_TOTAL: &str = "ficus_comparisons_total";
 /// `ficus_store_dropped_total{reason}`: divergence records lost (queue or spool full).
 pub const STORE_DROPPED_TOTAL: &str = "ficus_store_dropped_total";
+/// `ficus_tls_cert_reloads_total{result="ok"|"error"}`: the listener's certificate read again.
+pub const TLS_CERT_RELOADS_TOTAL: &str = "ficus_tls_cert_reloads_total";
 /// Unix time of the last successful rules load.
 pub const RULES_LOADED_TIMESTAMP_SECONDS: &str = "ficus_rules_loaded_timestamp_seconds";
 
