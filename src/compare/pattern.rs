@@ -105,6 +105,10 @@ impl Pattern {
 
     /// Whether the pattern matches the whole path.
     pub(crate) fn matches(&self, path: &[Seg<'_>]) -> bool {
+        self.matches_by(path, seg_matches)
+    }
+
+    fn matches_by(&self, path: &[Seg<'_>], seg_matches: fn(&PatSeg, Seg<'_>) -> bool) -> bool {
         // Wildcard matching with backtracking to the last `**`: O(len(pattern) * len(path))
         // at worst, which is tiny for pointers.
         let pat = &self.segs;
@@ -141,6 +145,14 @@ fn seg_matches(pat: &PatSeg, seg: Seg<'_>) -> bool {
         (PatSeg::One | PatSeg::Any, _) => true,
         (PatSeg::Lit { text, .. }, Seg::Key(key)) => text == key,
         (PatSeg::Lit { index, .. }, Seg::Index(i)) => *index == Some(i),
+    }
+}
+
+/// As [`seg_matches`], but a path segment that is an index matches any literal index.
+fn seg_matches_any_index(pat: &PatSeg, seg: Seg<'_>) -> bool {
+    match (pat, seg) {
+        (PatSeg::Lit { index: Some(_), .. }, Seg::Key(key)) if parse_index(key).is_some() => true,
+        _ => seg_matches(pat, seg),
     }
 }
 
@@ -220,6 +232,18 @@ pub(crate) fn matches_pointer(pattern: &Pattern, path: &str) -> bool {
     };
     let segs: Vec<Seg<'_>> = segs.iter().map(|s| Seg::Key(s)).collect();
     pattern.matches(&segs)
+}
+
+/// Whether the pattern matches the pointer with its index segments read as any index: the
+/// path of a JSON Patch operation, whose indices are those of the array as the operations
+/// before it left it, not of either document. Used where matching too much is the safe side
+/// (redaction).
+pub(crate) fn matches_pointer_at_any_index(pattern: &Pattern, path: &str) -> bool {
+    let Some(segs) = split_pointer(path) else {
+        return false;
+    };
+    let segs: Vec<Seg<'_>> = segs.iter().map(|s| Seg::Key(s)).collect();
+    pattern.matches_by(&segs, seg_matches_any_index)
 }
 
 /// Turns array indices into `*`: `/items/3/price` -> `/items/*/price`.

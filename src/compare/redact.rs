@@ -81,7 +81,24 @@ impl Comparator {
             return;
         }
         let mut path = base.to_string();
-        redact_walk(&self.redact, &mut path, value);
+        redact_walk(&self.redact, pattern::matches_pointer, &mut path, value);
+    }
+
+    /// As [`Self::redact_value`], for a value a JSON Patch operation at `path` carries. Its
+    /// indices are those of the array as the earlier operations left it (after an `add` at
+    /// `/items/0`, legacy's `/items/1` is reported at `/items/2`), so a literal index in a
+    /// pattern matches any index there: hiding a neighbour too is the safe side.
+    fn redact_op_value(&self, path: &str, value: &mut Value) {
+        if self.redact.is_empty() {
+            return;
+        }
+        let mut path = path.to_string();
+        redact_walk(
+            &self.redact,
+            pattern::matches_pointer_at_any_index,
+            &mut path,
+            value,
+        );
     }
 
     /// Redacts the values a difference carries. On a route that redacts, a text line diff
@@ -102,19 +119,24 @@ impl Comparator {
         }
         if let Difference::Body(BodyDiff::Op(op)) = diff {
             match op {
-                PatchOp::Add { path, value } => self.redact_value(path, value),
-                PatchOp::Remove { path, old } => self.redact_value(path, old),
+                PatchOp::Add { path, value } => self.redact_op_value(path, value),
+                PatchOp::Remove { path, old } => self.redact_op_value(path, old),
                 PatchOp::Replace { path, old, value } => {
-                    self.redact_value(path, old);
-                    self.redact_value(path, value);
+                    self.redact_op_value(path, old);
+                    self.redact_op_value(path, value);
                 }
             }
         }
     }
 }
 
-fn redact_walk(patterns: &[Pattern], path: &mut String, value: &mut Value) {
-    if patterns.iter().any(|p| pattern::matches_pointer(p, path)) {
+fn redact_walk(
+    patterns: &[Pattern],
+    matches: fn(&Pattern, &str) -> bool,
+    path: &mut String,
+    value: &mut Value,
+) {
+    if patterns.iter().any(|p| matches(p, path)) {
         *value = Value::String(REDACTED.to_string());
         return;
     }
@@ -124,7 +146,7 @@ fn redact_walk(patterns: &[Pattern], path: &mut String, value: &mut Value) {
             for (key, child) in map.iter_mut() {
                 path.push('/');
                 path.push_str(&key.replace('~', "~0").replace('/', "~1"));
-                redact_walk(patterns, path, child);
+                redact_walk(patterns, matches, path, child);
                 path.truncate(len);
             }
         }
@@ -132,7 +154,7 @@ fn redact_walk(patterns: &[Pattern], path: &mut String, value: &mut Value) {
             for (i, child) in items.iter_mut().enumerate() {
                 path.push('/');
                 path.push_str(&i.to_string());
-                redact_walk(patterns, path, child);
+                redact_walk(patterns, matches, path, child);
                 path.truncate(len);
             }
         }
@@ -232,6 +254,40 @@ mod tests {
         let mut v = json!({"card": {"number": "4111"}, "cardholder": "Ann"});
         c.redact_value("", &mut v);
         assert_eq!(v, json!({"card": "[redacted]", "cardholder": "Ann"}));
+    }
+
+    /// Body differences apply in order (RFC 6902): after a `remove` from an array, the later
+    /// operations name the elements that follow by their shifted index. A pattern with a
+    /// literal index must still hide the element it named in the document.
+    #[test]
+    fn a_literal_index_covers_an_element_reported_at_a_shifted_index() {
+        let c = comparator(&["/items/1/card"]);
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "content-type",
+            http::HeaderValue::from_static("application/json"),
+        );
+        let legacy = br#"{"items":[{"card":"AAAA"},{"card":"BBBB"}]}"#;
+        let new = br#"{"items":[{"card":"XXXX"},{"card":"AAAA"},{"card":"B2B2"}]}"#;
+        let response = |body: &'static [u8]| crate::compare::Response {
+            status: 200,
+            headers: &h,
+            body,
+        };
+        let mut diffs = c.compare(&response(legacy), &response(new)).diffs;
+        assert!(!diffs.is_empty());
+        for d in &mut diffs {
+            c.redact_diff(d);
+        }
+        let text = serde_json::to_string(&diffs).unwrap();
+        assert!(!text.contains("BBBB"), "{text}");
+        // The stored document itself is redacted at its own positions only.
+        let mut v: Value = serde_json::from_slice(legacy).unwrap();
+        c.redact_value("", &mut v);
+        assert_eq!(
+            v,
+            json!({"items": [{"card": "AAAA"}, {"card": "[redacted]"}]})
+        );
     }
 
     #[test]
