@@ -267,7 +267,8 @@ impl Ficus {
             replaying: Default::default(),
         });
         {
-            // Fleet-wide overrides live in the store; every replica syncs them each second.
+            // Fleet-wide overrides and group marks live in the store; every replica syncs
+            // them each second.
             let (proxy, store, mut stop) =
                 (proxy.clone(), writer.store().clone(), shutdown_rx.clone());
             tokio::spawn(async move {
@@ -277,6 +278,9 @@ impl Ficus {
                         _ = every.tick() => {
                             if let Err(e) = proxy.sync_overrides(&*store).await {
                                 tracing::debug!(error = %e, "cannot read overrides from the store");
+                            }
+                            if let Err(e) = proxy.shadow().sync_group_marks(&*store).await {
+                                tracing::debug!(error = %e, "cannot read group marks from the store");
                             }
                         }
                         _ = stop.changed() => return,

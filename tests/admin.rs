@@ -656,6 +656,147 @@ async fn groups_gather_one_root_cause_and_change_together() {
     assert_eq!(missing.status(), 404);
 }
 
+/// A group marked expected stays so: its divergences recorded later, on any replica sharing
+/// the store, are written expected (with the mark's class and note), so that an intended
+/// difference does not hold the verdict back again with every new record. Another state lifts
+/// the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_marked_expected_keeps_its_later_records_expected() {
+    let redis = support::RedisServer::start().await;
+    let legacy = diverging("legacy", 1).await;
+    let new = diverging("new", 2).await;
+    let url = redis.url();
+    let a = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| c.store = url.clone()).await;
+    let b = TestProxy::start_with(RULES, legacy.url(), new.url(), |c| c.store = url.clone()).await;
+    let c = client();
+    let order = |p: &TestProxy, i: u32| {
+        let (c, url) = (c.clone(), p.url(&format!("/api/orders/{i}")));
+        async move { assert_eq!(c.get(url).send().await.unwrap().status(), 200) }
+    };
+    order(&a, 0).await;
+    let first = a.wait_records(1).await;
+    let fp = first[0].fingerprint.clone();
+    let resp: Value = c
+        .patch(a.admin_url(&format!("/api/groups/{fp}")))
+        .json(&json!({"state": "expected", "class": "rounding", "note": "the new side rounds"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp["updated"].as_u64(), resp["marked_expected"].as_bool()),
+        (Some(1), Some(true)),
+        "{resp}"
+    );
+
+    // On the replica that took the call at once; on the other once it has read the store.
+    order(&a, 1).await;
+    let expected_on_a = || async {
+        a.records()
+            .await
+            .into_iter()
+            .find(|r| r.request.path == "/api/orders/1")
+    };
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            order(&b, 2).await;
+            b.records().await.iter().any(|r| {
+                r.request.path == "/api/orders/2" && r.state == ficus::record::State::Expected
+            })
+        })
+        .await,
+        "the other replica writes the group's new records expected"
+    );
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            expected_on_a().await.is_some()
+        })
+        .await
+    );
+    let later = expected_on_a().await.unwrap();
+    assert_eq!(later.state, ficus::record::State::Expected);
+    assert_eq!(later.class.as_deref(), Some("rounding"));
+    assert_eq!(later.note.as_deref(), Some("the new side rounds"));
+    assert_eq!(later.history[0].what["group_mark"], fp.as_str());
+    let groups: Value = c
+        .get(a.admin_url("/api/groups?route=orders"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        groups["items"][0]["marked_expected"]["class"], "rounding",
+        "{groups}"
+    );
+    // The verdict leaves them out (b's records from before it read the mark stay open).
+    let report: Value = c
+        .get(a.admin_url("/api/report"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let orders = report["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "orders")
+        .unwrap();
+    assert!(
+        orders["divergences"]["expected_in_window"]
+            .as_u64()
+            .unwrap()
+            >= 3,
+        "{orders}"
+    );
+
+    // Reopened, the group is no longer marked, and what comes next is open.
+    let resp: Value = c
+        .patch(a.admin_url(&format!("/api/groups/{fp}")))
+        .json(&json!({"state": "open"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["marked_expected"], false, "{resp}");
+    order(&a, 3).await;
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            a.records()
+                .await
+                .iter()
+                .any(|r| r.request.path == "/api/orders/3" && r.state == ficus::record::State::Open)
+        })
+        .await,
+        "a record after the mark is lifted is open"
+    );
+    let audit: Value = c
+        .get(a.admin_url("/api/audit"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    assert!(
+        events.contains(&"group_marked_expected") && events.contains(&"group_mark_lifted"),
+        "{audit}"
+    );
+}
+
 /// The CLI against a running ficus: list, show, set, groups, report and its CI gate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_wraps_the_api() {

@@ -529,6 +529,26 @@ async fn contract(store: Arc<dyn Store>) {
     assert!(store.get(&defect.id).await.unwrap().is_some());
     assert!(store.get(&fixed.id).await.unwrap().is_none());
     assert!(store.get(&plain.id).await.unwrap().is_none());
+
+    // Group marks: set, replaced, read back, lifted once.
+    let mark = |class: Option<&str>| store::GroupMark {
+        fingerprint: "00ff".into(),
+        route: "orders".into(),
+        class: class.map(str::to_string),
+        note: Some("intended: the new side rounds".into()),
+        who: "ann".into(),
+        at: "2026-12-01T10:00:00.000Z".into(),
+    };
+    assert!(store.group_marks().await.unwrap().is_empty());
+    store.put_group_mark(&mark(None)).await.unwrap();
+    store.put_group_mark(&mark(Some("rounding"))).await.unwrap();
+    assert_eq!(
+        store.group_marks().await.unwrap(),
+        vec![mark(Some("rounding"))]
+    );
+    assert!(store.delete_group_mark("00ff").await.unwrap());
+    assert!(!store.delete_group_mark("00ff").await.unwrap());
+    assert!(store.group_marks().await.unwrap().is_empty());
     store.ping().await.unwrap();
 }
 

@@ -430,7 +430,7 @@ async fn a_person_works_through_a_divergence_in_the_browser() {
         .await
         .unwrap();
     click(&c, "#bulk-expected").await;
-    wait_text(&c, "#status", "Marked expected: 4 record(s) in 1 group(s)").await;
+    wait_text(&c, "#status", "Marked expected (their later records too, until another state is set): 4 record(s) in 1 group(s)").await;
     wait_text(&c, "main", "No divergences match these filters.").await;
     assert_eq!(record(&proxy, &id).await["state"], "resolved");
 

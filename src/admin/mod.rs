@@ -1202,9 +1202,26 @@ async fn groups(
         let m = &r.request.method;
         g["methods"][m] = json!(g["methods"][m].as_u64().unwrap_or(0) + 1);
     }
+    let marks: std::collections::HashMap<String, crate::store::GroupMark> =
+        match state.store.group_marks().await {
+            Ok(marks) => marks
+                .into_iter()
+                .map(|m| (m.fingerprint.clone(), m))
+                .collect(),
+            Err(e) => return store_error(&e),
+        };
     let mut items: Vec<Value> = order
         .into_iter()
         .filter_map(|fp| groups.remove(&fp))
+        .map(|mut g| {
+            // Whether later divergences of the group are written expected, since when, by whom.
+            let mark = g["fingerprint"].as_str().and_then(|fp| marks.get(fp));
+            g["marked_expected"] = mark.map_or(
+                Value::Null,
+                |m| json!({"who": m.who, "at": m.at, "class": m.class, "note": m.note}),
+            );
+            g
+        })
         .collect();
     items.sort_by_key(|g| std::cmp::Reverse(g["count"].as_u64().unwrap_or(0)));
     Json(json!({ "items": items, "truncated": truncated })).into_response()
@@ -1273,10 +1290,12 @@ async fn patch_group(
             "send a JSON object with any of state, class, note",
         );
     };
-    let change = match parse_edit(&changes, &who) {
-        Ok(edit) => edit.change(),
+    let edit = match parse_edit(&changes, &who) {
+        Ok(edit) => edit,
         Err(resp) => return resp,
     };
+    let change = edit.clone().change();
+    let mut route: Option<String> = None;
     // Every record of the group, a page at a time: not only the newest 10,000 that the
     // listing of groups reads, which sending the patch again would only ever reach again.
     // Pages go by id, so a record the patch moves out of `?state=` is not met twice.
@@ -1291,6 +1310,7 @@ async fn patch_group(
             Err(e) => return store_error(&e),
         };
         for record in page.items {
+            route.get_or_insert_with(|| record.route.clone());
             match state.store.modify(&record.id, change.clone()).await {
                 Ok(Some(_)) => updated += 1,
                 // Expired or deleted since it was listed.
@@ -1310,9 +1330,54 @@ async fn patch_group(
             format!("no divergences with fingerprint `{fingerprint}`"),
         );
     }
+    // Marked expected, the group stays so: the divergences of it recorded later are written
+    // expected too, or a team would mark the same intended difference again every day while
+    // its new records held the verdict back. Another state lifts the mark.
+    let marked = match (edit.state, route) {
+        (Some(RecordState::Expected), Some(route)) => {
+            let mark = crate::store::GroupMark {
+                fingerprint: fingerprint.clone(),
+                route,
+                class: edit.class.clone().flatten(),
+                note: edit.note.clone().flatten(),
+                who: edit.entry.who.clone(),
+                at: edit.entry.at.clone(),
+            };
+            if let Err(e) = state.store.put_group_mark(&mark).await {
+                return store_error(&e);
+            }
+            let entry = json!({"event": "group_marked_expected", "fingerprint": fingerprint,
+                "route": mark.route, "who": mark.who, "at": mark.at});
+            if let Err(e) = state.store.append_audit(&entry).await {
+                tracing::warn!(error = %e, "cannot write the audit log");
+            }
+            true
+        }
+        (Some(_), _) => {
+            match state.store.delete_group_mark(&fingerprint).await {
+                Ok(true) => {
+                    let entry = json!({"event": "group_mark_lifted", "fingerprint": fingerprint,
+                        "who": edit.entry.who, "at": edit.entry.at});
+                    if let Err(e) = state.store.append_audit(&entry).await {
+                        tracing::warn!(error = %e, "cannot write the audit log");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => return store_error(&e),
+            }
+            false
+        }
+        (None, _) => false,
+    };
+    if edit.state.is_some() {
+        let _ = state.proxy.shadow().sync_group_marks(&*state.store).await;
+    }
     // `truncated` stays in the answer for clients that read it: nothing is left out now.
-    Json(json!({ "fingerprint": fingerprint, "updated": updated, "truncated": false }))
-        .into_response()
+    Json(
+        json!({ "fingerprint": fingerprint, "updated": updated, "truncated": false,
+        "marked_expected": marked }),
+    )
+    .into_response()
 }
 
 #[derive(Deserialize)]

@@ -407,6 +407,8 @@ pub struct Shadower {
     /// (comparisons then run inline, as small ones always do).
     compare_pool: Option<offload::Pool>,
     compare_offloaded: Counter,
+    /// Groups marked expected, by fingerprint, as last read from the store.
+    group_marks: arc_swap::ArcSwap<HashMap<String, crate::store::GroupMark>>,
 }
 
 impl Shadower {
@@ -431,7 +433,47 @@ impl Shadower {
             field_paths: Mutex::default(),
             noise: NoiseTable::default(),
             recorder,
+            group_marks: Default::default(),
         }
+    }
+
+    /// Reads the group marks from the store (every replica, each second, and the replica
+    /// that sets or lifts one at once). On error the marks last read stay.
+    pub async fn sync_group_marks(
+        &self,
+        store: &dyn crate::store::Store,
+    ) -> Result<(), crate::store::StoreError> {
+        let marks: HashMap<String, crate::store::GroupMark> = store
+            .group_marks()
+            .await?
+            .into_iter()
+            .map(|m| (m.fingerprint.clone(), m))
+            .collect();
+        if **self.group_marks.load() != marks {
+            self.group_marks.store(Arc::new(marks));
+        }
+        Ok(())
+    }
+
+    /// A record of a group marked expected is written expected, with the mark's class and
+    /// note, and says so in its history.
+    fn apply_group_mark(&self, record: &mut Record) {
+        let marks = self.group_marks.load();
+        let Some(mark) = marks.get(&record.fingerprint) else {
+            return;
+        };
+        record.state = crate::record::State::Expected;
+        if mark.class.is_some() {
+            record.class.clone_from(&mark.class);
+        }
+        if mark.note.is_some() {
+            record.note.clone_from(&mark.note);
+        }
+        record.history.push(crate::record::Change {
+            who: mark.who.clone(),
+            at: mark.at.clone(),
+            what: serde_json::json!({"state": "expected", "group_mark": mark.fingerprint}),
+        });
     }
 
     pub fn settings(&self) -> &Settings {
@@ -742,6 +784,7 @@ impl Shadower {
                 .iter()
                 .find(|rule| rule.covers(&record.paths))
                 .map(|rule| rule.class.to_string());
+            self.apply_group_mark(&mut record);
             self.count_fields(&route.name, &record.paths);
             let class = record
                 .class

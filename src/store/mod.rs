@@ -140,6 +140,22 @@ pub struct Override {
     pub at: String,
 }
 
+/// A group marked `expected` through the API: the divergences of this fingerprint that are
+/// recorded later are written expected too (with the mark's class and note, when it has
+/// them), until the group is given another state. Kept in the store so that every replica
+/// applies it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct GroupMark {
+    pub fingerprint: String,
+    pub route: String,
+    /// Set on later records when the mark gave one (`None`: their own class stays).
+    pub class: Option<String>,
+    pub note: Option<String>,
+    pub who: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
 /// The storage interface. Writes are idempotent by record id: delivering a record twice
 /// (after a crash, from the spool) stores it once.
 pub trait Store: Send + Sync {
@@ -202,6 +218,15 @@ pub trait Store: Send + Sync {
     fn delete_override<'a>(&'a self, route: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Every override stored (expired ones included; callers check `until_ms`).
     fn overrides(&self) -> BoxFuture<'_, Result<Vec<Override>, StoreError>>;
+    /// Sets (or replaces) the mark of a group.
+    fn put_group_mark<'a>(&'a self, m: &'a GroupMark) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Removes the mark of a group; whether there was one.
+    fn delete_group_mark<'a>(
+        &'a self,
+        fingerprint: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Every group mark stored.
+    fn group_marks(&self) -> BoxFuture<'_, Result<Vec<GroupMark>, StoreError>>;
     /// Appends an entry to the audit log (override set or lifted: who, when, why).
     fn append_audit<'a>(
         &'a self,

@@ -6,6 +6,7 @@
 //!   are UUIDv7, so that is time order and time ranges are lexicographic ranges.
 //! - `{p}routes`: the set of routes seen.
 //! - `{p}overrides`: hash of route -> emergency override (JSON).
+//! - `{p}group_marks`: hash of fingerprint -> group marked expected (JSON).
 //! - `{p}audit`: list of audit entries, newest first, the last 10,000.
 //! - `{p}cnt:{route}`: hash of total `comparisons` and `divergences`;
 //!   `{p}cnt:{route}:{hour}`: the same per Unix hour, expiring after 400 days.
@@ -18,8 +19,8 @@ use redis::aio::ConnectionLike;
 use redis::{AsyncCommands, Script};
 
 use super::{
-    BoxFuture, CountDelta, Counts, Filter, Override, Page, RecordChange, Retention, Store,
-    StoreError,
+    BoxFuture, CountDelta, Counts, Filter, GroupMark, Override, Page, RecordChange, Retention,
+    Store, StoreError,
 };
 use crate::record::{Record, State};
 
@@ -775,6 +776,40 @@ impl Store for RedisStore {
         Box::pin(async move {
             let n: i64 = with_conn!(self, c => c.hdel(self.key(&["overrides"]), route).await?);
             Ok(n > 0)
+        })
+    }
+
+    fn put_group_mark<'a>(&'a self, m: &'a GroupMark) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let json = serde_json::to_string(m).unwrap_or_default();
+            let _: i64 = with_conn!(self, c => c.hset(self.key(&["group_marks"]), &m.fingerprint, json).await?);
+            Ok(())
+        })
+    }
+
+    fn delete_group_mark<'a>(
+        &'a self,
+        fingerprint: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let n: i64 =
+                with_conn!(self, c => c.hdel(self.key(&["group_marks"]), fingerprint).await?);
+            Ok(n > 0)
+        })
+    }
+
+    fn group_marks(&self) -> BoxFuture<'_, Result<Vec<GroupMark>, StoreError>> {
+        Box::pin(async move {
+            let all: std::collections::HashMap<String, String> =
+                with_conn!(self, c => c.hgetall(self.key(&["group_marks"])).await?);
+            all.into_iter()
+                .map(|(fingerprint, json)| {
+                    serde_json::from_str(&json).map_err(|source| StoreError::Corrupt {
+                        id: fingerprint,
+                        source,
+                    })
+                })
+                .collect()
         })
     }
 

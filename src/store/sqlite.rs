@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    BoxFuture, CountDelta, Counts, Filter, Override, Page, RecordChange, Retention, Store,
-    StoreError,
+    BoxFuture, CountDelta, Counts, Filter, GroupMark, Override, Page, RecordChange, Retention,
+    Store, StoreError,
 };
 use crate::record::{Record, State};
 
@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE TABLE IF NOT EXISTS overrides (
     route TEXT PRIMARY KEY,
     json  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS group_marks (
+    fingerprint TEXT PRIMARY KEY,
+    json        TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS count_flushes (
     writer TEXT PRIMARY KEY,
@@ -430,6 +434,54 @@ impl Store for SqliteStore {
         let route = route.to_string();
         self.with(move |conn| {
             Ok(conn.execute("DELETE FROM overrides WHERE route = ?1", [route])? > 0)
+        })
+    }
+
+    fn put_group_mark<'a>(&'a self, m: &'a GroupMark) -> BoxFuture<'a, Result<(), StoreError>> {
+        let (fingerprint, json) = (
+            m.fingerprint.clone(),
+            serde_json::to_string(m).unwrap_or_default(),
+        );
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO group_marks (fingerprint, json) VALUES (?1, ?2)
+                 ON CONFLICT (fingerprint) DO UPDATE SET json = excluded.json",
+                params![fingerprint, json],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_group_mark<'a>(
+        &'a self,
+        fingerprint: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let fingerprint = fingerprint.to_string();
+        self.with(move |conn| {
+            Ok(conn.execute(
+                "DELETE FROM group_marks WHERE fingerprint = ?1",
+                [fingerprint],
+            )? > 0)
+        })
+    }
+
+    fn group_marks(&self) -> BoxFuture<'_, Result<Vec<GroupMark>, StoreError>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT fingerprint, json FROM group_marks")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (fingerprint, json) = row?;
+                out.push(
+                    serde_json::from_str(&json).map_err(|source| StoreError::Corrupt {
+                        id: fingerprint,
+                        source,
+                    })?,
+                );
+            }
+            Ok(out)
         })
     }
 

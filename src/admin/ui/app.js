@@ -369,7 +369,10 @@ async function groupsView(_arg, params) {
     h('td', {}, timeEl(g.first_seen)),
     h('td', {}, timeEl(g.last_seen)),
     h('td', { class: 'paths' }, g.paths.length ? g.paths.map((p) => h('code', {}, p)) : h('span', { class: 'muted' }, '-')),
-    h('td', {}, Object.entries(g.states).map(([s, n]) => h('span', { class: 'badge state ' + s }, `${s} ${n}`)), ' '),
+    h('td', {}, Object.entries(g.states).map(([s, n]) => h('span', { class: 'badge state ' + s }, `${s} ${n}`)), ' ',
+      g.marked_expected
+        ? h('span', { class: 'muted', title: `Marked by ${g.marked_expected.who} at ${g.marked_expected.at}; another state lifts it` }, 'new records: expected')
+        : null),
     h('td', {}, Object.entries(g.classes).map(([c, n]) => h('span', { class: 'badge state' }, `${c} ${n}`))),
     h('td', {},
       h('a', { href: '#/divergence/' + encodeURIComponent(g.example), 'aria-label': `Open the newest divergence of group ${g.fingerprint}` }, 'newest'),
@@ -440,7 +443,7 @@ async function groupsView(_arg, params) {
       if (!c) { say('Type a class first.', true); classInput.focus(); return; }
       bulk('Classified as ' + c, patch({ class: c }));
     } }, 'Classify'),
-    h('button', { type: 'button', id: 'bulk-expected', onclick: () => bulk('Marked expected', patch({ state: 'expected' })) }, 'Mark expected'),
+    h('button', { type: 'button', id: 'bulk-expected', onclick: () => bulk('Marked expected (their later records too, until another state is set)', patch({ state: 'expected' })) }, 'Mark expected'),
     h('button', { type: 'button', id: 'bulk-ack', onclick: () => bulk('Acknowledged', patch({ state: 'acknowledged' })) }, 'Acknowledge'),
     h('button', { type: 'button', id: 'bulk-replay', onclick: replayGroups }, 'Replay 5 of each'));
 
