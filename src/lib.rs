@@ -150,8 +150,9 @@ pub struct ReloadStats {
     pub failed: AtomicU64,
     /// Held from reading the rules to installing them: the watch, SIGHUP and the admin API
     /// may reload at once, and a slow load of older files must not install after a quicker
-    /// load of newer ones.
-    serial: std::sync::Mutex<()>,
+    /// load of newer ones. It holds the [`rules::Sources::fingerprint`] of the files the last
+    /// load read, valid or not.
+    serial: std::sync::Mutex<Option<u128>>,
 }
 
 /// A running ficus: proxy and admin listeners, rules watch.
@@ -187,7 +188,11 @@ impl Ficus {
                 }
             })?;
         }
-        let loaded = rules::load(&config.rules).map_err(StartError::Rules)?;
+        let sources = rules::read(&config.rules);
+        let fingerprint = sources.fingerprint();
+        let loaded = sources
+            .load(&|name| std::env::var(name).ok())
+            .map_err(StartError::Rules)?;
         for w in &loaded.warnings {
             warn!("{w}");
         }
@@ -245,7 +250,10 @@ impl Ficus {
         let admin_addr = admin_listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let reloads = Arc::new(ReloadStats::default());
+        let reloads = Arc::new(ReloadStats {
+            serial: std::sync::Mutex::new(Some(fingerprint)),
+            ..ReloadStats::default()
+        });
         if config.admin_tokens.is_empty() && !admin_addr.ip().is_loopback() {
             warn!(
                 admin = %admin_addr,
@@ -374,8 +382,11 @@ impl Ficus {
             let proxy = proxy.clone();
             let path = config.rules.clone();
             let stats = reloads.clone();
+            // The watch wakes for changes beside the rules too (a ConfigMap swaps `..data`
+            // next to them; a store or a log may live in the same directory): only files
+            // that read differently from the last load are loaded again.
             Some(rules::watch::spawn(&config.rules, move || {
-                let _ = reload(&proxy, &path, &stats);
+                let _ = reload_from(&proxy, &path, &stats, Trigger::Watch);
             })?)
         } else {
             None
@@ -462,11 +473,41 @@ fn reload(
     path: &std::path::Path,
     stats: &ReloadStats,
 ) -> Result<usize, Vec<Diagnostic>> {
-    let _serial = stats
+    match reload_from(proxy, path, stats, Trigger::Asked) {
+        Some(result) => result,
+        // Only a watch reload is ever skipped.
+        None => Ok(proxy.live().rules.routes.len()),
+    }
+}
+
+/// Who asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// SIGHUP or the admin API: always load, even files that did not change.
+    Asked,
+    /// The file watch: skip files that read the same as at the last load.
+    Watch,
+}
+
+/// Like [`reload`]; `None` when the watch found the files as the last load read them.
+fn reload_from(
+    proxy: &Proxy,
+    path: &std::path::Path,
+    stats: &ReloadStats,
+    trigger: Trigger,
+) -> Option<Result<usize, Vec<Diagnostic>>> {
+    let mut last = stats
         .serial
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match rules::load(path) {
+    let sources = rules::read(path);
+    let fingerprint = sources.fingerprint();
+    if trigger == Trigger::Watch && *last == Some(fingerprint) {
+        tracing::debug!("rules files unchanged, not reloaded");
+        return None;
+    }
+    *last = Some(fingerprint);
+    Some(match sources.load(&|name| std::env::var(name).ok()) {
         Ok(loaded) => {
             for w in &loaded.warnings {
                 warn!("{w}");
@@ -491,7 +532,7 @@ fn reload(
             }
             Err(errors)
         }
-    }
+    })
 }
 
 fn record_load_time(rules: &rules::RuleSet) {

@@ -215,3 +215,45 @@ async fn single_rules_file_from_a_configmap_volume_is_reloaded() {
         proxy.ficus.reload_stats().failed.load(Ordering::Relaxed),
     );
 }
+
+/// `--rules rules.toml` in a directory where other files change: the database and spool of
+/// the default `sqlite:ficus.db` store in the working directory, logs, an editor's swap file.
+/// Any change in the file's directory wakes the watch (a ConfigMap swaps `..data` there), but
+/// rules that did not change must not be reloaded: every such reload logged `rules reloaded`
+/// (or, with a broken file on disk, all its errors again) and counted in
+/// `ficus_rules_reloads_total`, so the log and the dashboard showed pushes nobody made.
+#[tokio::test]
+async fn changes_beside_the_rules_that_leave_them_unchanged_do_not_reload() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(&rules_to("legacy"), legacy.url(), new.url(), |c| {
+        c.rules = c.rules.join("rules.toml");
+    })
+    .await;
+    let stats = proxy.ficus.reload_stats();
+    let reloads = || stats.succeeded.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+    // Bounded: five writes, 100 ms apart, then at most 3 s of watching the counters.
+    let other = proxy.dir.path().join("ficus.log");
+    for i in 0..5 {
+        std::fs::write(&other, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reloaded = eventually(Duration::from_secs(3), || async { reloads() > 0 }).await;
+    assert!(!reloaded, "{} reloads of unchanged rules", reloads());
+
+    // The same holds for a broken file on disk: its errors are reported once, not again on
+    // every change beside it.
+    std::fs::write(proxy.rules_file(), "this is [not toml").unwrap();
+    assert!(wait_for_failed_reloads(&proxy, 1).await);
+    for i in 0..5 {
+        std::fs::write(&other, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = eventually(Duration::from_secs(3), || async { reloads() > 1 }).await;
+    assert!(!again, "{} reloads of an unchanged broken file", reloads());
+    assert_eq!(side_of(&proxy).await, "legacy");
+
+    // A real change still loads.
+    proxy.replace_rules(&rules_to("new"));
+    assert!(wait_for_side(&proxy, "new").await);
+}

@@ -64,13 +64,35 @@ pub fn load_with_env(
     path: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Loaded, Vec<Diagnostic>> {
-    let files = rule_files(path)?;
-    let mut errors = Vec::new();
+    read(path).load(env)
+}
+
+/// The rules files at a path as read from disk, before validation: what a load sees.
+#[derive(Debug)]
+pub struct Sources {
+    /// `(file, text)` in load order, or why the path could not be listed.
+    files: Result<Vec<(PathBuf, String)>, Vec<Diagnostic>>,
+    /// Files that were listed but could not be read.
+    unreadable: Vec<Diagnostic>,
+}
+
+/// Reads every rules file at `path` (see [`rule_files`]), keeping read errors for the load.
+pub fn read(path: &Path) -> Sources {
+    let files = match rule_files(path) {
+        Ok(files) => files,
+        Err(errors) => {
+            return Sources {
+                files: Err(errors),
+                unreadable: Vec::new(),
+            };
+        }
+    };
+    let mut unreadable = Vec::new();
     let mut sources = Vec::new();
     for file in files {
         match read_rules_file(&file) {
             Ok(text) => sources.push((file, text)),
-            Err(message) => errors.push(Diagnostic {
+            Err(message) => unreadable.push(Diagnostic {
                 severity: Severity::Error,
                 location: diag::file_location(&file),
                 message,
@@ -78,13 +100,62 @@ pub fn load_with_env(
             }),
         }
     }
-    match load_sources(sources, env) {
-        Err(mut more) => {
-            errors.append(&mut more);
-            Err(errors)
+    Sources {
+        files: Ok(sources),
+        unreadable,
+    }
+}
+
+impl Sources {
+    /// A digest of what was read: the files' names and texts, and the read errors. Two reads
+    /// with the same digest load the same rules (the environment of the process does not
+    /// change), so the file watch skips a reload that would only repeat the last one.
+    pub fn fingerprint(&self) -> u128 {
+        let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+        // Lengths first, so that no two different lists hash the same bytes.
+        let mut put = |bytes: &[u8]| {
+            h.update(&(bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        match &self.files {
+            Ok(files) => {
+                put(b"files");
+                for (file, text) in files {
+                    put(file.as_os_str().as_encoded_bytes());
+                    put(text.as_bytes());
+                }
+            }
+            Err(errors) => {
+                put(b"unlisted");
+                for e in errors {
+                    put(e.to_string().as_bytes());
+                }
+            }
         }
-        Ok(_) if !errors.is_empty() => Err(errors),
-        Ok(loaded) => Ok(loaded),
+        for e in &self.unreadable {
+            put(e.to_string().as_bytes());
+        }
+        h.digest128()
+    }
+
+    /// Validates and compiles what was read (see [`load_sources`]).
+    pub fn load(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, Vec<Diagnostic>> {
+        let mut errors = self.unreadable;
+        let sources = match self.files {
+            Ok(sources) => sources,
+            Err(mut unlisted) => {
+                unlisted.append(&mut errors);
+                return Err(unlisted);
+            }
+        };
+        match load_sources(sources, env) {
+            Err(mut more) => {
+                errors.append(&mut more);
+                Err(errors)
+            }
+            Ok(_) if !errors.is_empty() => Err(errors),
+            Ok(loaded) => Ok(loaded),
+        }
     }
 }
 
