@@ -519,3 +519,22 @@ fn a_gate_window_longer_than_the_stores_read_is_refused() {
     assert!(errs[0].contains("longer than 62 days"), "{errs:?}");
     assert!(load_one("[[route]]\nname = \"a\"\n[route.gate]\nwindow = \"62d\"\n").is_ok());
 }
+
+/// inotify drops events when its queue overflows (a busy directory next to the rules, a
+/// checkout of thousands of files) and says so with one event that names no path and asks
+/// for a rescan. The watch looked only at the paths of events, so that notice woke nothing,
+/// and a rules change lost in the overflow stayed unloaded until the next change or SIGHUP.
+#[test]
+fn a_rescan_notice_wakes_the_rules_watch() {
+    use notify::event::{CreateKind, Flag};
+    use notify::{Event, EventKind};
+    let dir = Path::new("/etc/ficus/rules");
+    let rescan = Event::new(EventKind::Other).set_flag(Flag::Rescan);
+    assert!(watch::wakes(&rescan, dir, None).is_some());
+    let file = dir.join("rules.toml");
+    assert!(watch::wakes(&rescan, &file, Some(dir)).is_some());
+    // Ordinary events still wake it only for paths of the rules.
+    let create = |p: &str| Event::new(EventKind::Create(CreateKind::File)).add_path(p.into());
+    assert!(watch::wakes(&create("/etc/ficus/rules/a.toml"), dir, None).is_some());
+    assert!(watch::wakes(&create("/etc/ficus/other.toml"), dir, None).is_none());
+}

@@ -27,6 +27,29 @@ impl Drop for RulesWatch {
     }
 }
 
+/// The changed path, when `event` may have changed the rules at `watched`: a change to a path
+/// under it, or, for a single rules file, anywhere in `file_dir`, the file's directory.
+pub(crate) fn wakes(
+    event: &notify::Event,
+    watched: &Path,
+    file_dir: Option<&Path>,
+) -> Option<PathBuf> {
+    // The kernel's queue overflowed and events were lost: one of them may have been a change
+    // to the rules. The notice names no path. The reload that follows also renews the
+    // recursive watch, which may have missed new subdirectories in the overflow.
+    if event.need_rescan() {
+        return Some(watched.to_path_buf());
+    }
+    if matches!(event.kind, EventKind::Access(_)) {
+        return None;
+    }
+    event
+        .paths
+        .iter()
+        .find(|p| p.starts_with(watched) || file_dir.is_some_and(|d| p.parent() == Some(d)))
+        .cloned()
+}
+
 /// Starts watching `path` (a file or a directory) and calls `reload` after each settled change.
 pub fn spawn(
     path: &Path,
@@ -50,16 +73,10 @@ pub fn spawn(
                 return;
             }
         };
-        if matches!(event.kind, EventKind::Access(_)) {
-            return;
-        }
-        for p in event.paths {
-            if p.starts_with(&watched) || file_dir.as_deref().is_some_and(|d| p.parent() == Some(d))
-            {
-                // A full channel already holds a pending reload: dropping is fine, as
-                // nothing but the reload itself depends on which paths changed.
-                let _ = tx.try_send(p);
-            }
+        if let Some(changed) = wakes(&event, &watched, file_dir.as_deref()) {
+            // A full channel already holds a pending reload: dropping is fine, as nothing
+            // but the reload itself depends on which paths changed.
+            let _ = tx.try_send(changed);
         }
     })?;
     // The parent is watched too, so that replacing or recreating the rules path is seen.
