@@ -523,6 +523,9 @@ fn reload_from(
         Err(errors) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(telemetry::RULES_RELOADS_TOTAL, "result" => "error").increment(1);
+            // Until a load succeeds: the counter's increase ages out of an alert's window
+            // while the broken files are still there.
+            metrics::gauge!(telemetry::RULES_LAST_RELOAD_SUCCESS).set(0.0);
             error!(
                 errors = errors.iter().filter(|d| d.is_error()).count(),
                 "rules rejected, the previous rules stay in force"
@@ -535,12 +538,14 @@ fn reload_from(
     })
 }
 
+/// Records a successful load: its time, and that the files on disk are the rules in force.
 fn record_load_time(rules: &rules::RuleSet) {
     let at = rules
         .loaded_at
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     metrics::gauge!(telemetry::RULES_LOADED_TIMESTAMP_SECONDS).set(at);
+    metrics::gauge!(telemetry::RULES_LAST_RELOAD_SUCCESS).set(1.0);
 }
 
 /// Runs until SIGTERM or Ctrl-C, reloading the rules on SIGHUP, then shuts down gracefully.

@@ -119,10 +119,20 @@ async fn a_real_prometheus_evaluates_every_dashboard_expression() {
     let proxy = TestProxy::start(&rules, legacy.url(), new.url()).await;
     // Reloads, one rejected and one accepted, so that both series exist.
     let good = std::fs::read_to_string(proxy.rules_file()).unwrap();
+    // `ficus_rules_last_reload_success` says whether the files on disk are the rules in
+    // force, for as long as they are not: the counter's increase ages out of any window.
+    let last_success = |text: String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("ficus_rules_last_reload_success "))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(last_success(proxy.metrics().await), Some(1.0));
     std::fs::write(proxy.rules_file(), "not [ toml").unwrap();
     assert!(proxy.ficus.reload().is_err());
+    assert_eq!(last_success(proxy.metrics().await), Some(0.0));
     std::fs::write(proxy.rules_file(), &good).unwrap();
     assert!(proxy.ficus.reload().is_ok());
+    assert_eq!(last_success(proxy.metrics().await), Some(1.0));
 
     // Prometheus scraping the admin port every second.
     let dir = tempfile::tempdir().unwrap();

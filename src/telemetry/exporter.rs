@@ -101,6 +101,10 @@ fn describe() {
         Unit::Seconds,
         "Unix time of the last successful rules load."
     );
+    describe_gauge!(
+        RULES_LAST_RELOAD_SUCCESS,
+        "1 if the last rules load succeeded, 0 if it was rejected and older rules stay in force."
+    );
     describe_gauge!(SHADOW_INFLIGHT, "Shadow exchanges running now.");
     describe_counter!(
         SHADOW_COMPARE_OFFLOADED_TOTAL,

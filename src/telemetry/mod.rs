@@ -55,6 +55,9 @@ pub const STORE_DROPPED_TOTAL: &str = "ficus_store_dropped_total";
 pub const TLS_CERT_RELOADS_TOTAL: &str = "ficus_tls_cert_reloads_total";
 /// Unix time of the last successful rules load.
 pub const RULES_LOADED_TIMESTAMP_SECONDS: &str = "ficus_rules_loaded_timestamp_seconds";
+/// 1 when the last load of the rules succeeded, 0 while the files on disk are rejected (and
+/// older rules stay in force).
+pub const RULES_LAST_RELOAD_SUCCESS: &str = "ficus_rules_last_reload_success";
 
 /// `ficus_requests_rejected_total{reason}`: requests refused before any routing (a path without
 /// a canonical form, a target too long, a body over its limit, a `CONNECT`, too many
