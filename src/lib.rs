@@ -54,6 +54,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Reload the rules when files under `rules` change.
     pub watch_rules: bool,
+    /// With `watch_rules`, how often the rules files are also read again in case the watch
+    /// missed a change (a symlink to a file elsewhere, a filesystem without inotify).
+    pub rules_poll_interval: Duration,
     /// Proxy worker threads, each with its own runtime, listener and upstream pools
     /// (0: one per CPU).
     pub workers: usize,
@@ -93,6 +96,7 @@ impl Config {
             pool_idle_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             watch_rules: true,
+            rules_poll_interval: rules::watch::POLL_INTERVAL,
             workers: 0,
             admin_tokens: Vec::new(),
             shadow: shadow::Settings::default(),
@@ -385,9 +389,13 @@ impl Ficus {
             // The watch wakes for changes beside the rules too (a ConfigMap swaps `..data`
             // next to them; a store or a log may live in the same directory): only files
             // that read differently from the last load are loaded again.
-            Some(rules::watch::spawn(&config.rules, move || {
-                let _ = reload_from(&proxy, &path, &stats, Trigger::Watch);
-            })?)
+            Some(rules::watch::spawn(
+                &config.rules,
+                config.rules_poll_interval,
+                move || {
+                    let _ = reload_from(&proxy, &path, &stats, Trigger::Watch);
+                },
+            )?)
         } else {
             None
         };

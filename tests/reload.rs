@@ -257,3 +257,40 @@ async fn changes_beside_the_rules_that_leave_them_unchanged_do_not_reload() {
     proxy.replace_rules(&rules_to("new"));
     assert!(wait_for_side(&proxy, "new").await);
 }
+
+/// `--rules /etc/ficus/rules.toml`, a link to the file in a git checkout elsewhere
+/// (`/srv/rules-repo/rules.toml`): a pull replaces the file there, in a directory the watch
+/// does not watch, and no event ever comes from the link's directory. The same holds for a
+/// link in a rules directory to a shared file, and for filesystems without inotify (NFS, some
+/// container bind mounts). The new rules never loaded until a SIGHUP.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_rules_file_linked_from_another_directory_is_reloaded() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let proxy = TestProxy::start_with(&rules_to("legacy"), legacy.url(), new.url(), |c| {
+        let repo = c.rules.join("repo");
+        let etc = c.rules.join("etc");
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(repo.join("rules.toml"), rules_to("legacy")).unwrap();
+        std::os::unix::fs::symlink("../repo/rules.toml", etc.join("rules.toml")).unwrap();
+        c.rules = etc.join("rules.toml");
+        c.rules_poll_interval = Duration::from_millis(500);
+    })
+    .await;
+    assert_eq!(side_of(&proxy).await, "legacy");
+    support::replace_file(
+        &proxy.dir.path().join("repo").join("rules.toml"),
+        &rules_to("new"),
+    );
+    assert!(
+        wait_for_side(&proxy, "new").await,
+        "the linked file's change was not picked up"
+    );
+    assert_eq!(
+        proxy.ficus.reload_stats().succeeded.load(Ordering::Relaxed),
+        1,
+        "polling reloads only what changed"
+    );
+}

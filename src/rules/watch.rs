@@ -1,6 +1,7 @@
 //! Watches the rules path and triggers a reload after changes settle. Editors and `git
 //! checkout` write files in several steps, so events are debounced; a half-written file that
-//! slips through is rejected by validation and the next event loads the finished one.
+//! slips through is rejected by validation and the next event loads the finished one. The
+//! rules are also read again every few seconds, for the changes no event tells of.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,6 +15,8 @@ use tracing::{debug, warn};
 const SETTLE: Duration = Duration::from_millis(200);
 /// Longest a stream of changes can postpone a reload.
 const MAX_DELAY: Duration = Duration::from_secs(2);
+/// How often the rules are read again without any change seen.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Keeps the watch alive; dropping it stops watching.
 pub struct RulesWatch {
@@ -50,9 +53,15 @@ pub(crate) fn wakes(
         .cloned()
 }
 
-/// Starts watching `path` (a file or a directory) and calls `reload` after each settled change.
+/// Starts watching `path` (a file or a directory) and calls `reload` after each settled change,
+/// and also every `poll_every` (and once at the start) without one: inotify sees nothing of a
+/// symlink's target in another directory, nor of changes on NFS and some container mounts,
+/// and a queue overflow or a change before the watch was in place goes unseen too. `reload`
+/// must therefore be cheap when nothing changed: ficus's compares what it reads with what the
+/// last load read, and stops there.
 pub fn spawn(
     path: &Path,
+    poll_every: Duration,
     reload: impl Fn() + Send + Sync + 'static,
 ) -> Result<RulesWatch, notify::Error> {
     let reload = Arc::new(reload);
@@ -92,16 +101,32 @@ pub fn spawn(
     let watcher = Arc::new(Mutex::new(watcher));
     let rewatcher = watcher.clone();
     let task = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            debug!(path = %first.display(), "rules changed");
-            let deadline = tokio::time::Instant::now() + MAX_DELAY;
-            loop {
-                let settle = tokio::time::Instant::now() + SETTLE;
-                match tokio::time::timeout_at(settle.min(deadline), rx.recv()).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return,
-                    Err(_) => break,
+        // The first poll comes right away: a change between the first load and the watch
+        // being in place raised no event.
+        // (`interval` panics on a zero period.)
+        let mut poll = tokio::time::interval(poll_every.max(SETTLE));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                changed = rx.recv() => match changed {
+                    Some(first) => Some(first),
+                    None => return,
+                },
+                _ = poll.tick() => None,
+            };
+            if let Some(first) = first {
+                debug!(path = %first.display(), "rules changed");
+                let deadline = tokio::time::Instant::now() + MAX_DELAY;
+                loop {
+                    let settle = tokio::time::Instant::now() + SETTLE;
+                    match tokio::time::timeout_at(settle.min(deadline), rx.recv()).await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
                 }
+                // A reload just ran: the next poll can wait its full interval.
+                poll.reset();
             }
             // A directory deleted and created again, or a subdirectory that is a symlink
             // swapped to a new target, needs a new recursive watch. Renewing it on every
