@@ -279,6 +279,7 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, Vec<Diagnostic>> {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
+    let mut unfollowed = Vec::new();
     let mut dirs = vec![path.to_path_buf()];
     // Symlinked directories are followed once: a link loop must not hang a reload.
     let mut visited = std::collections::HashSet::new();
@@ -288,17 +289,45 @@ pub fn rule_files(path: &Path) -> Result<Vec<PathBuf>, Vec<Diagnostic>> {
         }
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| fail(format!("cannot list {}: {e}", dir.display()), None))?;
-        for entry in entries.flatten() {
+        for entry in entries {
+            // An entry the listing could not read may be a rules file: loading without it
+            // would drop its routes.
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    return Err(fail(format!("cannot list {}: {e}", dir.display()), None));
+                }
+            };
             let p = entry.path();
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|e| e == "toml") {
-                files.push(p);
+            // Followed through symlinks. A link that cannot be followed (its target gone
+            // for a moment during a checkout or a remount) may stand for a directory of
+            // rules: skipping it would install the set without that directory's routes.
+            match std::fs::metadata(&p) {
+                Ok(meta) if meta.is_dir() => dirs.push(p),
+                _ if p.extension().is_some_and(|e| e == "toml") => files.push(p),
+                Ok(_) => {}
+                Err(e) => unfollowed.push(Diagnostic {
+                    severity: Severity::Error,
+                    location: diag::file_location(&p),
+                    message: if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                        format!("cannot follow the link: {e}")
+                    } else {
+                        format!("cannot read: {e}")
+                    },
+                    hint: Some(
+                        "fix or remove the link; rules files and directories must be readable"
+                            .into(),
+                    ),
+                }),
             }
         }
+    }
+    if !unfollowed.is_empty() {
+        unfollowed.sort_by(|a, b| a.location.file.cmp(&b.location.file));
+        return Err(unfollowed);
     }
     if files.is_empty() {
         return Err(fail(

@@ -538,3 +538,28 @@ fn a_rescan_notice_wakes_the_rules_watch() {
     assert!(watch::wakes(&create("/etc/ficus/rules/a.toml"), dir, None).is_some());
     assert!(watch::wakes(&create("/etc/ficus/other.toml"), dir, None).is_none());
 }
+
+/// A team's rules in a linked directory (`team-b -> /srv/team-b/rules`) whose target is gone
+/// for a moment (a checkout swapping it, an unmounted volume): the link was taken for a file
+/// that is not `*.toml` and skipped, so the set loaded, and was installed, without the
+/// team's routes, sending their traffic to legacy. A link that cannot be followed is an
+/// error instead, and the rules in force stay.
+#[cfg(unix)]
+#[test]
+fn a_broken_link_in_the_rules_directory_is_an_error_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), "[[route]]\nname = \"a\"\n").unwrap();
+    let team = dir.path().join("team-b");
+    std::os::unix::fs::symlink(dir.path().join("gone"), &team).unwrap();
+    let errs = load_with_env(dir.path(), &|_| None).expect_err("a broken link is an error");
+    let shown: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert!(
+        shown[0].starts_with(&format!("{}:1:1: error: cannot follow", team.display())),
+        "{shown:?}"
+    );
+    // Hidden entries are still never looked at: an editor's lock link (`.#a.toml`) dangles.
+    std::fs::remove_file(&team).unwrap();
+    std::os::unix::fs::symlink("user@host.123", dir.path().join(".#a.toml")).unwrap();
+    assert!(load_with_env(dir.path(), &|_| None).is_ok());
+}
