@@ -558,19 +558,31 @@ fn record_load_time(rules: &rules::RuleSet) {
 
 /// Runs until SIGTERM or Ctrl-C, reloading the rules on SIGHUP, then shuts down gracefully.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    // Before anything slow. Until a handler is in place, SIGHUP's default action ends the
+    // process: a deploy that updates the rules and sends SIGHUP while a large rule set is
+    // still loading would kill ficus without a word. A SIGHUP received during start-up
+    // reloads once ficus serves (the files may have changed since they were read).
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    info!(rules = %config.rules.display(), "loading the rules");
     let ficus = Ficus::start(config).await?;
-    wait_for_signals(&ficus).await;
+    wait_for_signals_with(&ficus, hup).await;
     ficus.shutdown().await;
     Ok(())
 }
 
 /// Returns on SIGTERM or SIGINT; reloads on SIGHUP meanwhile.
 pub async fn wait_for_signals(ficus: &Ficus) {
+    wait_for_signals_with(ficus, None).await;
+}
+
+/// [`wait_for_signals`] with the SIGHUP stream installed earlier, if any.
+async fn wait_for_signals_with(ficus: &Ficus, hup: Option<tokio::signal::unix::Signal>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let hup = match hup {
+        Some(hup) => Ok(hup),
+        None => signal(SignalKind::hangup()),
+    };
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), hup) else {
         warn!("cannot install signal handlers; stopping on Ctrl-C only");
         let _ = tokio::signal::ctrl_c().await;
         return;

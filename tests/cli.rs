@@ -528,3 +528,92 @@ async fn admin_tokens_listed_with_spaces_after_the_commas_each_work() {
         assert_eq!(resp.status(), 200, "{token}");
     }
 }
+
+/// A SIGHUP while `ficus serve` is still starting (loading a large rule set, opening the
+/// store), as a deploy sends after updating the rules and restarting: until the handler was
+/// installed, the signal's default action ended the process, without a line in the log. The
+/// handler is now in place before the rules are read, and the SIGHUP reloads once serving.
+#[tokio::test]
+async fn a_sighup_during_start_up_does_not_kill_ficus_and_reloads_once_serving() {
+    use std::io::BufRead;
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Thousands of routes take a while to validate and analyse: the SIGHUP lands during it.
+    let mut text = String::new();
+    for i in 0..4000 {
+        text.push_str(&format!(
+            "[[route]]\nname = \"r{i}\"\npriority = {}\n[route.match]\npath = \"/a{i}/{{id}}\"\nmethods = [\"GET\"]\n",
+            i % 7
+        ));
+    }
+    std::fs::write(dir.path().join("rules.toml"), text).unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Child(
+        Command::new(FICUS)
+            .arg("serve")
+            .env("FICUS_RULES", dir.path())
+            .env("FICUS_LEGACY", legacy.url().to_string())
+            .env("FICUS_NEW", new.url().to_string())
+            .env("FICUS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FICUS_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env(
+                "FICUS_STORE",
+                format!("sqlite:{}", dir.path().join("r.db").display()),
+            )
+            .env("FICUS_SPOOL_DIR", dir.path().join("spool"))
+            .env("FICUS_NO_WATCH", "true")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The log, line by line, from a thread (bounded by the child's lifetime).
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = async |needle: &str, seen: &mut Vec<String>| {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.recv().await {
+                let hit = line.contains(needle);
+                seen.push(line);
+                if hit {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        found.unwrap_or(false)
+    };
+    assert!(
+        wait_for("loading the rules", &mut seen).await,
+        "no start-up line: {seen:#?}"
+    );
+    signal(&child.0, "-HUP");
+    assert!(
+        wait_for("ficus is serving", &mut seen).await,
+        "ficus did not survive a SIGHUP during start-up ({:?}): {seen:#?}",
+        child.0.try_wait()
+    );
+    assert!(
+        wait_for("SIGHUP: reloading rules", &mut seen).await,
+        "the SIGHUP received during start-up was not acted on: {seen:#?}"
+    );
+    signal(&child.0, "-TERM");
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap());
+    let status = tokio::time::timeout(Duration::from_secs(30), status)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
