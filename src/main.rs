@@ -583,6 +583,16 @@ fn explain(
             .with_context(|| format!("bad header value in `{h}`"))?;
         headers.append(name, value);
     }
+    // What the proxy refuses before routing. A `Host` given with -H is checked as HTTP/1.1
+    // checks it; without one, the URL's host plays HTTP/2's `:authority`.
+    let version = if headers.contains_key(http::header::HOST) {
+        http::Version::HTTP_11
+    } else {
+        http::Version::HTTP_2
+    };
+    if let Some(e) = ficus::proxy::refused_before_routing(&method, &uri, version, &headers) {
+        bail!("ficus answers {} to this request: {e}", e.status().as_u16());
+    }
     let head = RequestHead::new(&method, &uri, &headers, client_ip);
     let mut out = String::new();
     let ex = route::explain(&rules, &head);

@@ -617,3 +617,44 @@ async fn a_sighup_during_start_up_does_not_kill_ficus_and_reloads_once_serving()
         .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+/// `rules explain` promises to say what the proxy does with a request. The proxy refuses
+/// some before any route is chosen (userinfo in the target, a bad or doubled Host, CONNECT):
+/// explain named a route and an upstream for them, and exited 0.
+#[test]
+fn rules_explain_says_so_when_the_proxy_refuses_the_request_before_routing() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["GET", "http://a@shop.example.com/api/orders/42"],
+            "ficus answers 400 to this request: bad request: the request target carries userinfo",
+        ),
+        (
+            &["CONNECT", "shop.example.com:443"],
+            "ficus answers 405 to this request: CONNECT is not supported by a reverse proxy",
+        ),
+        (
+            &["GET", "/api/orders/42", "-H", "host: a", "-H", "host: b"],
+            "ficus answers 400 to this request: bad request: an HTTP/1.1 request needs exactly one valid Host header",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["rules", "explain", "routing-rules"];
+        all.extend_from_slice(args);
+        let (code, out, err) = ficus(&all);
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!out.contains("route:"), "{args:?}: {out}");
+    }
+    // A request the proxy takes is still explained.
+    let (code, out, err) = ficus(&[
+        "rules",
+        "explain",
+        "routing-rules",
+        "GET",
+        "/api/orders/42",
+        "-H",
+        "host: shop.example.com",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("route: orders-read"), "{out}");
+}

@@ -183,43 +183,10 @@ impl Proxy {
         if let Err(e) = canonicalize(&mut req) {
             return reject(e, &req, &request_id);
         }
-        // Userinfo in the request target (`GET http://a@b/`, or an HTTP/2 `:authority` with
-        // one) is an error (RFC 9110 4.2.4, RFC 9113 8.3.1): routing reads the host after the
-        // `@`, and the upstream would get all of it as its `Host`, a host it was not routed by.
-        if req
-            .uri()
-            .authority()
-            .is_some_and(|a| a.as_str().contains('@'))
+        if let Some(e) =
+            refused_before_routing(req.method(), req.uri(), req.version(), req.headers())
         {
-            return reject(
-                ProxyError::BadRequest("the request target carries userinfo"),
-                &req,
-                &request_id,
-            );
-        }
-        // An HTTP/1.1 request has exactly one `Host`, and a valid one (RFC 9112 3.2: 400
-        // otherwise). With two, routing reads the first, and an upstream (or a cache on the
-        // way) may believe the other: a host ficus did not route by. HTTP/1.0 may omit it;
-        // HTTP/2 names the host in `:authority`.
-        if req.version() == Version::HTTP_11 && !headers::has_one_valid_host(req.headers()) {
-            return reject(
-                ProxyError::BadRequest("an HTTP/1.1 request needs exactly one valid Host header"),
-                &req,
-                &request_id,
-            );
-        }
-        // A tunnel to anywhere is not ficus's to open: refused before any route or upstream.
-        if req.method() == Method::CONNECT {
-            return reject(ProxyError::MethodNotAllowed("CONNECT"), &req, &request_id);
-        }
-        // hyper undoes the chunking only; the upstream would get the still-coded bytes as the
-        // body, since `Transfer-Encoding` does not go on (RFC 9112 6.1: 501).
-        if let Some(coding) = headers::other_transfer_coding(req.headers()) {
-            return reject(
-                ProxyError::UnsupportedTransferCoding(coding),
-                &req,
-                &request_id,
-            );
+            return reject(e, &req, &request_id);
         }
         let trace_id = headers::ensure_traceparent(req.headers_mut());
         let upgrade = headers::is_upgrade_request(&req);
@@ -556,6 +523,41 @@ fn canonicalize<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         *req.uri_mut() = uri;
     }
     Ok(())
+}
+
+/// Why ficus refuses a request (its path already in canonical form) before choosing a route,
+/// whatever the rules. `rules explain` asks too, so that it never names a route for a request
+/// the proxy would refuse.
+pub fn refused_before_routing(
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    headers: &http::HeaderMap,
+) -> Option<ProxyError> {
+    // Userinfo in the request target (`GET http://a@b/`, or an HTTP/2 `:authority` with
+    // one) is an error (RFC 9110 4.2.4, RFC 9113 8.3.1): routing reads the host after the
+    // `@`, and the upstream would get all of it as its `Host`, a host it was not routed by.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some(ProxyError::BadRequest(
+            "the request target carries userinfo",
+        ));
+    }
+    // An HTTP/1.1 request has exactly one `Host`, and a valid one (RFC 9112 3.2: 400
+    // otherwise). With two, routing reads the first, and an upstream (or a cache on the
+    // way) may believe the other: a host ficus did not route by. HTTP/1.0 may omit it;
+    // HTTP/2 names the host in `:authority`.
+    if version == Version::HTTP_11 && !headers::has_one_valid_host(headers) {
+        return Some(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs exactly one valid Host header",
+        ));
+    }
+    // A tunnel to anywhere is not ficus's to open: refused before any route or upstream.
+    if method == Method::CONNECT {
+        return Some(ProxyError::MethodNotAllowed("CONNECT"));
+    }
+    // hyper undoes the chunking only; the upstream would get the still-coded bytes as the
+    // body, since `Transfer-Encoding` does not go on (RFC 9112 6.1: 501).
+    headers::other_transfer_coding(headers).map(ProxyError::UnsupportedTransferCoding)
 }
 
 /// The URI with its path in canonical form, or `None` when it already is; the error a client
