@@ -176,7 +176,7 @@ struct StoreArgs {
     )]
     store_prefix: String,
     /// Directory of the local spool that holds records while the store is down (one per
-    /// replica).
+    /// process: a second ficus on a spool in use refuses to start).
     #[arg(
         long,
         env = "FICUS_SPOOL_DIR",

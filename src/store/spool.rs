@@ -1,7 +1,8 @@
 //! The local spool: where records go while the store is slow or down. An append-only file of
 //! JSON lines, fsync'd once per batch and bounded in size, and a small offset file saying how
 //! far delivery got. Records are delivered in order; after a crash the remainder is delivered
-//! on the next start. Redelivery is harmless: stores write idempotently by record id.
+//! on the next start. Redelivery is harmless: stores write idempotently by record id. One
+//! process at a time: the directory is locked while the spool is open.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -29,12 +30,15 @@ pub struct Spool {
     max_bytes: u64,
     /// Records waiting for delivery.
     records: u64,
+    /// Holds the directory's lock for as long as the spool is open (see [`Spool::open`]).
+    _lock: File,
 }
 
 impl Spool {
     /// Opens (or creates) the spool in `dir`, picking up what a previous run left.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Spool> {
         std::fs::create_dir_all(dir)?;
+        let lock = lock(dir)?;
         let path = dir.join("records.jsonl");
         let offset_path = dir.join("delivered.offset");
         let file = OpenOptions::new()
@@ -65,6 +69,7 @@ impl Spool {
             offset,
             max_bytes,
             records,
+            _lock: lock,
         })
     }
 
@@ -219,6 +224,47 @@ impl Spool {
         reader.read_until(b'\n', &mut rest)?;
         Ok(!rest.is_empty() && rest.last() != Some(&b'\n'))
     }
+}
+
+/// Takes the spool directory for this process. Two processes on one spool (a restart that
+/// starts the new ficus before the old one has exited, both on one port through SO_REUSEPORT,
+/// and both with the default `ficus-spool`) would each keep their own idea of the file's
+/// length and delivery offset, and the first to empty it would cut off the records the other
+/// had appended: lost without a trace. The lock (`flock`) is the kernel's, so it goes with
+/// the process however that ends, SIGKILL included, and the next start takes the spool over.
+fn lock(dir: &Path) -> io::Result<File> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let holder = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {holder})")
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use by another ficus process{holder}; give each process its own --spool-dir",
+                    dir.display()
+                ),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    // For the message above, when a second process tries.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| (&file).write_all(std::process::id().to_string().as_bytes()));
+    Ok(file)
 }
 
 /// Replaces the offset file durably: written aside, synced, renamed over.

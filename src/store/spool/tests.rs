@@ -215,3 +215,37 @@ fn a_failed_offset_write_while_emptying_never_skips_later_records() {
         left.len()
     );
 }
+
+/// Two ficus processes on one host share the default spool directory (`ficus-spool` in the
+/// working directory): a restart that starts the new process before the old one has exited,
+/// both on the same port through SO_REUSEPORT. Each would track the file's length and the
+/// delivery offset on its own, and the first to empty the spool would truncate the records
+/// the other had appended behind its own. The second open must be refused, loudly, instead.
+#[test]
+fn a_spool_in_use_by_another_process_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let recs = records(4);
+    let mut first = Spool::open(dir.path(), 1 << 20).unwrap();
+    first.append(&recs[..2]).unwrap();
+    match Spool::open(dir.path(), 1 << 20) {
+        Ok(mut second) => {
+            // What followed: the second appends, the first delivers what it knows of and
+            // empties the file, and the second's records are gone.
+            second.append(&recs[2..]).unwrap();
+            let Batch { offset, .. } = first.read_batch(10).unwrap();
+            first.commit(offset).unwrap();
+            panic!(
+                "a spool in use was opened a second time; the second's records left: {}",
+                second.read_batch(10).map_or(0, |b| b.records.len())
+            );
+        }
+        Err(e) => {
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+            assert!(e.to_string().contains("--spool-dir"), "{e}");
+        }
+    }
+    // Once the first is gone (exited, or killed), the next one takes the spool over.
+    drop(first);
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(spool.read_batch(10).unwrap().records, recs[..2]);
+}
