@@ -2441,6 +2441,114 @@ async fn a_record_is_not_replayed_twice_at_once() {
     assert_eq!(c.post(&url).send().await.unwrap().status(), 200);
 }
 
+/// Replicas share one Redis, and a replay can be sent to any of them (a load balancer in
+/// front of the admin ports, a retry that lands elsewhere): the guard against two replays of
+/// one record at once must hold across replicas, not only on the one that took the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_is_not_replayed_twice_at_once_across_replicas() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let redis = support::RedisServer::start().await;
+    let legacy = diverging("legacy", 1).await;
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let replays = Arc::new(AtomicUsize::new(0));
+    let (gate, seen) = (release.clone(), replays.clone());
+    let new = Backend::with_handler("new", move |req| {
+        let replay = req.headers().contains_key("x-ficus-replay");
+        let (gate, seen) = (gate.clone(), seen.clone());
+        async move {
+            if replay {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _permit = gate.acquire().await.unwrap();
+            }
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(json!({"total": 2}).to_string()))
+                .unwrap()
+        }
+    })
+    .await;
+    let rules = "[[route]]\nname = \"replay-fleet\"\n[route.shadow]\nwrites = true\n";
+    let start = |name: &'static str| {
+        let (url, l, n) = (redis.url(), legacy.url(), new.url());
+        async move {
+            TestProxy::start_with(rules, l, n, |c| {
+                c.store = url;
+                c.records.instance = name.into();
+            })
+            .await
+        }
+    };
+    let a = start("replica-a").await;
+    let b = start("replica-b").await;
+    let c = client();
+    c.post(a.url("/api/payments"))
+        .body("{\"amount\": 10}")
+        .send()
+        .await
+        .unwrap();
+    let record = a.wait_records(1).await.remove(0);
+    let path = format!("/api/divergences/{}/replay?allow_writes=true", record.id);
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), a.admin_url(&path));
+        async move { c.post(url).send().await.unwrap().status() }
+    });
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            replays.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "the first replay never reached the new side"
+    );
+    let legacy_calls = legacy.count();
+    // The other replica refuses at once; sent to the upstreams, it would wait on the held
+    // new side.
+    let second = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.post(b.admin_url(&path)).send(),
+    )
+    .await
+    .expect("the second replay went out too: it waits on the upstream")
+    .unwrap();
+    assert_eq!(second.status(), 409);
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["error"], "replay_in_progress", "{body}");
+    assert!(body.get("sent").is_none(), "{body}");
+    let group: Value = c
+        .post(b.admin_url(&format!(
+            "/api/groups/{}/replay?allow_writes=true",
+            record.fingerprint
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        group["results"][0]["error"], "replay_in_progress",
+        "{group}"
+    );
+    assert_eq!(legacy.count(), legacy_calls, "the write went out again");
+    assert_eq!(
+        replays.load(Ordering::SeqCst),
+        1,
+        "the write went out again"
+    );
+
+    release.add_permits(10);
+    assert_eq!(first.await.unwrap(), 200);
+    // Once the first has answered, the claim is released: the other replica may replay.
+    assert!(
+        support::eventually(std::time::Duration::from_secs(10), || async {
+            c.post(b.admin_url(&path)).send().await.unwrap().status() == 200
+        })
+        .await,
+        "the claim of the first replay was never released"
+    );
+    assert_eq!(replays.load(Ordering::SeqCst), 2);
+}
+
 /// The CLI's error for a replay that failed after a request went out says so, as the API does
 /// with `sent: true`: "502 ... (replay_failed)" alone reads as "nothing happened", and the
 /// operator replays the write again.

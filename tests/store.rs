@@ -609,6 +609,41 @@ async fn redis_store_keeps_the_contract_and_leaves_no_dangling_index_entries() {
     assert_eq!(members, 7 * 4 + 5);
 }
 
+/// A claim (a replay in progress) is held by one replica at a time, released only by its own
+/// token, and expires by itself should its holder die.
+#[tokio::test]
+async fn redis_claims_are_exclusive_released_by_their_holder_and_expire() {
+    let redis = RedisServer::start().await;
+    let a = store::open(&redis.url(), "ficus:").await.unwrap();
+    let b = store::open(&redis.url(), "ficus:").await.unwrap();
+    let long = Duration::from_secs(60);
+    let token = a
+        .claim("replay:x", long)
+        .await
+        .unwrap()
+        .expect("a free claim");
+    assert_eq!(b.claim("replay:x", long).await.unwrap(), None);
+    // Another claim is another name.
+    assert!(b.claim("replay:y", long).await.unwrap().is_some());
+    // Only the holder's token releases it.
+    b.release("replay:x", "not-the-token").await.unwrap();
+    assert_eq!(b.claim("replay:x", long).await.unwrap(), None);
+    a.release("replay:x", &token).await.unwrap();
+    let taken = b
+        .claim("replay:x", Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(taken.is_some(), "a released claim cannot be taken");
+    // A holder that never releases (it died) holds it no longer than its time.
+    assert!(
+        support::eventually(Duration::from_secs(5), || async {
+            a.claim("replay:x", long).await.unwrap().is_some()
+        })
+        .await,
+        "an abandoned claim never expired"
+    );
+}
+
 /// Counts with a time bound stay exact past one page of index entries (the Redis store walks
 /// its indexes a thousand ids at a time): 2,400 records of one route, 600 of another between
 /// them, and a third of the first route's acknowledged.

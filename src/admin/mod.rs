@@ -77,6 +77,61 @@ impl Drop for ReplayClaim<'_> {
     }
 }
 
+/// The same claim for every replica sharing the store (a replay sent to another replica's
+/// admin port, by a load balancer or a retry, would otherwise go out again): held in Redis
+/// (`SET NX PX`) while the record is replayed, released when the replay ends, however it
+/// ends; should the replica die first, it expires after the longest a replay can take. On
+/// SQLite, which one replica uses, the store grants it always and [`ReplayClaim`] does the work.
+struct FleetClaim {
+    store: Arc<dyn Store>,
+    name: String,
+    token: String,
+}
+
+impl FleetClaim {
+    async fn take(
+        store: &Arc<dyn Store>,
+        id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<FleetClaim>, StoreError> {
+        let name = format!("replay:{id}");
+        Ok(store.claim(&name, ttl).await?.map(|token| FleetClaim {
+            store: store.clone(),
+            name,
+            token,
+        }))
+    }
+}
+
+impl Drop for FleetClaim {
+    fn drop(&mut self) {
+        // Released off this task: the handler may be dropped mid-replay (the caller went
+        // away), and a release that fails only leaves the claim to expire.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, name, token) = (
+            self.store.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.token),
+        );
+        runtime.spawn(async move {
+            let released = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                store.release(&name, &token),
+            )
+            .await;
+            if !matches!(released, Ok(Ok(()))) {
+                tracing::warn!(claim = %name, "cannot release a replay claim; it expires by itself");
+            }
+        });
+    }
+}
+
+/// Beyond the upstreams' timeouts, how long a replay's claim lasts: writing the outcome to the
+/// store (a few round trips, each bounded by the store's response timeout), with room to spare.
+const REPLAY_CLAIM_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The caller, as the token named it.
 #[derive(Clone)]
 struct Who(String);
@@ -712,16 +767,28 @@ async fn replay_record(
             "the recorded path is not a valid URI",
         ));
     };
-    // Held until the outcome is written to the record.
-    let Some(_claim) = ReplayClaim::take(&state.replaying, &record.id) else {
-        return Err(Refusal::new(
+    // Held until the outcome is written to the record: on this replica, then for all.
+    let in_progress = || {
+        Refusal::new(
             StatusCode::CONFLICT,
             "replay_in_progress",
             format!(
                 "divergence `{}` is being replayed already; its outcome will be in the record's history",
                 record.id
             ),
-        ));
+        )
+    };
+    let Some(_claim) = ReplayClaim::take(&state.replaying, &record.id) else {
+        return Err(in_progress());
+    };
+    let ttl = live.upstreams[route.legacy].timeout
+        + live.upstreams[route.new].timeout
+        + REPLAY_CLAIM_MARGIN;
+    // Without the claim, another replica may be replaying the record: nothing is sent.
+    let _fleet_claim = match FleetClaim::take(&state.store, &record.id, ttl).await {
+        Ok(Some(claim)) => claim,
+        Ok(None) => return Err(in_progress()),
+        Err(e) => return Err(Refusal::store(&e)),
     };
     let mut answers = Vec::with_capacity(2);
     for upstream in [&live.upstreams[route.legacy], &live.upstreams[route.new]] {

@@ -236,6 +236,26 @@ pub trait Store: Send + Sync {
     fn audit(&self, limit: usize) -> BoxFuture<'_, Result<Vec<serde_json::Value>, StoreError>>;
     /// Cheap reachability check.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Takes the claim `name` for every replica sharing the store, for at most `ttl` (a
+    /// replica that dies holding it does not hold it for ever): the token to release it with,
+    /// or `None` when another holder has it. A store only one replica uses (SQLite) has no
+    /// other holder, and the replica keeps its own claims in memory: it always grants.
+    fn claim<'a>(
+        &'a self,
+        _name: &'a str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        Box::pin(async { Ok(Some(String::new())) })
+    }
+    /// Releases a claim taken with [`Store::claim`], if `token` still holds it (one that
+    /// expired and was taken by another holder is left to that holder).
+    fn release<'a>(
+        &'a self,
+        _name: &'a str,
+        _token: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Opens the store named by `url`: `sqlite:PATH`, `redis://[:PASSWORD@]HOST:PORT/DB`,

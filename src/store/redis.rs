@@ -10,6 +10,8 @@
 //! - `{p}audit`: list of audit entries, newest first, the last 10,000.
 //! - `{p}cnt:{route}`: hash of total `comparisons` and `divergences`;
 //!   `{p}cnt:{route}:{hour}`: the same per Unix hour, expiring after 400 days.
+//! - `{p}claim:{name}`: a claim one replica holds (`replay:{id}` while it replays a record),
+//!   with a random token, expiring by itself.
 //!
 //! Each record is written by one Lua script (atomic; `SET NX` first, so a redelivered record
 //! changes nothing). In Redis Cluster every key carries the same hash tag (`{ficus}:`), since
@@ -75,6 +77,12 @@ if KEYS[4] ~= KEYS[5] then
   if KEYS[5] ~= ARGV[3] then redis.call('ZADD', KEYS[5], 0, ARGV[2]) end
 end
 return 1";
+
+/// Releases a claim only for the token that took it: one that expired meanwhile and was taken
+/// by another replica stays that replica's.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0";
 
 /// Attempts of one update against concurrent ones.
 const UPDATE_ATTEMPTS: usize = 8;
@@ -855,6 +863,42 @@ impl Store for RedisStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let _: String = with_conn!(self, c => redis::cmd("PING").query_async(&mut c).await?);
+            Ok(())
+        })
+    }
+
+    fn claim<'a>(
+        &'a self,
+        name: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<Option<String>, StoreError>> {
+        Box::pin(async move {
+            // SET NX PX: taken by one replica at a time, and expiring on Redis's clock, so
+            // replicas' clocks do not matter.
+            let token = crate::record::new_id(std::time::SystemTime::now());
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let set: Option<String> = with_conn!(self, c => redis::cmd("SET")
+                .arg(self.key(&["claim", name]))
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms)
+                .query_async(&mut c)
+                .await?);
+            Ok(set.map(|_| token))
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let keys = [self.key(&["claim", name])];
+            let args = [token.to_string()];
+            let script = Script::new(RELEASE);
+            with_conn!(self, c => Self::run_script(&mut c, &script, &keys, &args).await)?;
             Ok(())
         })
     }
