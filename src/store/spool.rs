@@ -30,8 +30,9 @@ pub struct Spool {
     max_bytes: u64,
     /// Records waiting for delivery.
     records: u64,
-    /// Holds the directory's lock for as long as the spool is open (see [`Spool::open`]).
+    /// Holds the directory's lock for as long as the spool is open (see [`lock`]).
     _lock: File,
+    lock_path: PathBuf,
 }
 
 impl Spool {
@@ -70,6 +71,7 @@ impl Spool {
             max_bytes,
             records,
             _lock: lock,
+            lock_path: dir.join(LOCK_FILE),
         })
     }
 
@@ -91,6 +93,7 @@ impl Spool {
     /// Appends as many records as fit under the size bound, with one fsync; returns how many
     /// were appended (the rest are the caller's to count as dropped).
     pub fn append(&mut self, records: &[Record]) -> io::Result<usize> {
+        self.restore_file()?;
         let mut lines = Vec::with_capacity(records.len());
         for r in records {
             let mut line = serde_json::to_vec(r).map_err(io::Error::other)?;
@@ -189,11 +192,35 @@ impl Spool {
         write_offset(&self.offset_path, self.offset)
     }
 
+    /// Puts the spool file back if it is no longer where it is read from: a cleaner of old
+    /// files (systemd-tmpfiles ages `/tmp`, and the spool of a store up for days is that old)
+    /// removed it, or the whole directory, while the file stayed open. Appends would go on
+    /// into the removed file, which delivery and the next start cannot see: records never
+    /// delivered, and lost at the next start. What waits for delivery is written again
+    /// under the spool's name (from the open file), and the directory locked again.
+    pub fn restore_file(&mut self) -> io::Result<()> {
+        if same_file(&self.path, &self.file)? && same_file(&self.lock_path, &self._lock)? {
+            return Ok(());
+        }
+        warn!(
+            path = %self.path.display(),
+            "the spool was removed while in use (a cleaner of old files?); writing it again"
+        );
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+            if !same_file(&self.lock_path, &self._lock)? {
+                self._lock = lock(dir)?;
+            }
+        }
+        self.compact()
+    }
+
     /// Rewrites the spool without its delivered records.
     fn compact(&mut self) -> io::Result<()> {
         let tmp = self.path.with_extension("jsonl.tmp");
         {
-            let mut from = File::open(&self.path)?;
+            // From the open file, not its name: the name may be gone (see `restore_file`).
+            let mut from = self.file.try_clone()?;
             from.seek(SeekFrom::Start(self.offset))?;
             let mut to = File::create(&tmp)?;
             io::copy(&mut from.take(self.len - self.offset), &mut to)?;
@@ -233,7 +260,7 @@ impl Spool {
 /// had appended: lost without a trace. The lock (`flock`) is the kernel's, so it goes with
 /// the process however that ends, SIGKILL included, and the next start takes the spool over.
 fn lock(dir: &Path) -> io::Result<File> {
-    let path = dir.join("lock");
+    let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -265,6 +292,20 @@ fn lock(dir: &Path) -> io::Result<File> {
         .set_len(0)
         .and_then(|()| (&file).write_all(std::process::id().to_string().as_bytes()));
     Ok(file)
+}
+
+const LOCK_FILE: &str = "lock";
+
+/// Whether `path` names the open `file` (false when nothing has that name any more).
+fn same_file(path: &Path, file: &File) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let named = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let open = file.metadata()?;
+    Ok(named.dev() == open.dev() && named.ino() == open.ino())
 }
 
 /// Replaces the offset file durably: written aside, synced, renamed over.

@@ -411,10 +411,10 @@ impl Task {
         for _ in 0..DELIVERY_BATCHES_PER_TICK {
             let spool = self.spool.clone();
             let read = tokio::task::spawn_blocking(move || {
-                spool
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .read_batch(BATCH)
+                let mut spool = spool.lock().unwrap_or_else(PoisonError::into_inner);
+                // A spool removed from under ficus is read from where it is put back.
+                spool.restore_file()?;
+                spool.read_batch(BATCH)
             })
             .await;
             let Ok(Ok(Batch {

@@ -249,3 +249,52 @@ fn a_spool_in_use_by_another_process_is_refused() {
     let spool = Spool::open(dir.path(), 1 << 20).unwrap();
     assert_eq!(spool.read_batch(10).unwrap().records, recs[..2]);
 }
+
+/// A cleaner of old files removes the spool while ficus runs: systemd-tmpfiles ages `/tmp`
+/// (10 days on many distributions), and the spool of a store that has been up that long is
+/// that old. Records appended afterwards went to the removed file, which nothing could read:
+/// never delivered, every later record queued behind them until the bound dropped it, and
+/// all of them gone at the next start. They must be written where delivery and the next
+/// start look.
+#[test]
+fn a_spool_removed_while_in_use_is_written_again_and_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let recs = records(4);
+    let mut spool = Spool::open(&spool_dir, 1 << 20).unwrap();
+    spool.append(&recs[..2]).unwrap();
+    let Batch { offset, .. } = spool.read_batch(1).unwrap();
+    spool.commit(offset).unwrap();
+    std::fs::remove_dir_all(&spool_dir).unwrap();
+    // The store is down: more records are spooled.
+    assert_eq!(spool.append(&recs[2..]).unwrap(), 2);
+    let Batch { records: left, .. } = spool
+        .read_batch(10)
+        .expect("the spool cannot be read any more");
+    assert_eq!(left, recs[1..]);
+    // And they are on disk for the next start, should ficus be killed now.
+    drop(spool);
+    let spool = Spool::open(&spool_dir, 1 << 20).unwrap();
+    assert_eq!(spool.read_batch(10).unwrap().records, recs[1..]);
+    assert_eq!(spool.pending_records(), 3);
+}
+
+/// The same with only deliveries to make (the store is back, nothing new is spooled): the
+/// writer puts the file back before reading.
+#[test]
+fn a_spool_removed_before_delivery_is_still_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let recs = records(3);
+    let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    spool.append(&recs).unwrap();
+    std::fs::remove_file(dir.path().join("records.jsonl")).unwrap();
+    spool.restore_file().unwrap();
+    let Batch {
+        records: read,
+        offset,
+        ..
+    } = spool.read_batch(10).unwrap();
+    assert_eq!(read, recs);
+    spool.commit(offset).unwrap();
+    assert!(!spool.pending());
+}
