@@ -13,7 +13,7 @@ use ficus::rules::Side;
 use ficus::store::{self, CountDelta, Counts, Filter, Retention, Store};
 use http::{HeaderMap, Method, Uri};
 use serde_json::json;
-use support::RedisServer;
+use support::{RedisServer, free_port};
 
 fn record(route: &str, at: SystemTime, path: &str) -> Record {
     let c = Comparator::default();
@@ -829,17 +829,15 @@ async fn redis_time_bounded_counts_are_exact_and_read_no_record() {
     assert_eq!(gets(), before, "a count read records");
 }
 
-#[tokio::test]
-async fn redis_cluster_store_keeps_the_contract() {
+/// A 3-node Redis Cluster (no replicas) on `ports`, once every node reports it ok.
+async fn start_cluster(ports: &[u16]) -> Vec<RedisServer> {
     let mut nodes = Vec::new();
-    for _ in 0..3 {
+    for &port in ports {
         nodes.push(
-            RedisServer::start_with(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "2000",
-            ])
+            RedisServer::start_on_with(
+                port,
+                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+            )
             .await,
         );
     }
@@ -871,8 +869,42 @@ async fn redis_cluster_store_keeps_the_contract() {
         .await;
         assert!(ok, "cluster never became ok on {addr}");
     }
+    nodes
+}
+
+#[tokio::test]
+async fn redis_cluster_store_keeps_the_contract() {
+    let ports = [free_port(), free_port(), free_port()];
+    let _nodes = start_cluster(&ports).await;
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let url = format!("redis+cluster://{}", addrs.join(","));
     contract(store::open(&url, "ficus:").await.unwrap()).await;
+}
+
+/// A Redis Cluster that is down when ficus starts: ficus must start anyway, spool, and
+/// deliver once the cluster is up, as with a single Redis. Opening the cluster store
+/// connected at once, so ficus refused to start at all (no request served) until the
+/// cluster was back.
+#[tokio::test]
+async fn a_redis_cluster_down_at_start_is_connected_to_once_it_is_up() {
+    let ports = [free_port(), free_port(), free_port()];
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let url = format!("redis+cluster://{}", addrs.join(","));
+    let store = store::open(&url, "ficus:")
+        .await
+        .expect("the store of a Redis Cluster that is down could not be opened");
+    assert!(store.ping().await.is_err());
+    let _nodes = start_cluster(&ports).await;
+    let r = record("orders", SystemTime::now(), "/total");
+    let stored = support::eventually(Duration::from_secs(20), || async {
+        store.put(std::slice::from_ref(&r)).await.is_ok()
+    })
+    .await;
+    assert!(
+        stored,
+        "the cluster store never connected once the cluster was up"
+    );
+    assert_eq!(store.get(&r.id).await.unwrap().as_ref(), Some(&r));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -98,10 +98,27 @@ redis.call('DEL', KEYS[1])
 for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1";
 
-#[derive(Clone)]
 enum Conn {
     Single(redis::aio::ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(Box<LazyCluster>),
+}
+
+/// A Redis Cluster connection made on first use, as the single-Redis one is: connecting at
+/// once made ficus refuse to start (and so serve no request) while the cluster was down,
+/// where it should start, spool, and deliver once the cluster is back. A failed attempt is
+/// tried again by the next call; once made, the connection reconnects by itself.
+struct LazyCluster {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> Result<redis::cluster_async::ClusterConnection, redis::RedisError> {
+        self.conn
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
 }
 
 pub struct RedisStore {
@@ -114,9 +131,15 @@ pub struct RedisStore {
 /// Runs `$body` with `$c` bound to a connection of either kind.
 macro_rules! with_conn {
     ($self:expr, $c:ident => $body:expr) => {
-        match $self.conn.clone() {
-            Conn::Single(mut $c) => $body,
-            Conn::Cluster(mut $c) => $body,
+        match &$self.conn {
+            Conn::Single(c) => {
+                let mut $c = c.clone();
+                $body
+            }
+            Conn::Cluster(lazy) => {
+                let mut $c = lazy.get().await?;
+                $body
+            }
         }
     };
 }
@@ -163,7 +186,7 @@ impl RedisStore {
         Ok(Self::with(Conn::Single(conn), prefix.to_string()))
     }
 
-    /// A Redis Cluster from its seed nodes `host:port,host:port,...`.
+    /// A Redis Cluster from its seed nodes `host:port,host:port,...`; connects lazily.
     pub async fn cluster(nodes: &str, prefix: &str) -> Result<RedisStore, StoreError> {
         let nodes: Vec<String> = nodes
             .split(',')
@@ -175,7 +198,10 @@ impl RedisStore {
             .connection_timeout(std::time::Duration::from_secs(2))
             .response_timeout(std::time::Duration::from_secs(2))
             .build()?;
-        let conn = client.get_async_connection().await?;
+        let conn = Box::new(LazyCluster {
+            client,
+            conn: tokio::sync::OnceCell::new(),
+        });
         // One hash tag for every key: scripts may only touch keys of one slot.
         let prefix = if prefix.contains('{') {
             prefix.to_string()

@@ -387,6 +387,18 @@ impl RedisServer {
         server
     }
 
+    /// [`RedisServer::start_with`] on a given port.
+    pub async fn start_on_with(port: u16, extra: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.restart().await;
+        server
+    }
+
     pub async fn start_with(extra: &[&str]) -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
