@@ -267,31 +267,56 @@ fn lock(dir: &Path) -> io::Result<File> {
         .read(true)
         .write(true)
         .open(&path)?;
-    match file.try_lock() {
-        Ok(()) => {}
+    // A lock let go of a moment from now is waited for: it is on the open file, which every
+    // copy of its descriptor shares, so a process that is exiting, or a child being spawned
+    // (it holds a copy of every descriptor from its fork to its exec), keeps it a little
+    // after the spool is closed. Only a holder that stays past the wait is refused.
+    let mut attempts = 0;
+    loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if attempts < LOCK_ATTEMPTS => {
+                attempts += 1;
+                std::thread::sleep(LOCK_WAIT);
+            }
+            other => break lock_result(other, dir, &path)?,
+        }
+    }
+    // For the message below, when a second process tries.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| (&file).write_all(std::process::id().to_string().as_bytes()));
+    Ok(file)
+}
+
+/// Attempts at the lock before the spool is refused, [`LOCK_WAIT`] apart.
+const LOCK_ATTEMPTS: u32 = 40;
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn lock_result(
+    result: Result<(), std::fs::TryLockError>,
+    dir: &Path,
+    path: &Path,
+) -> io::Result<()> {
+    match result {
+        Ok(()) => Ok(()),
         Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
             let holder = holder.trim();
             let holder = if holder.is_empty() {
                 String::new()
             } else {
                 format!(" (pid {holder})")
             };
-            return Err(io::Error::new(
+            Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!(
                     "{} is in use by another ficus process{holder}; give each process its own --spool-dir",
                     dir.display()
                 ),
-            ));
+            ))
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
-    // For the message above, when a second process tries.
-    let _ = file
-        .set_len(0)
-        .and_then(|()| (&file).write_all(std::process::id().to_string().as_bytes()));
-    Ok(file)
 }
 
 const LOCK_FILE: &str = "lock";

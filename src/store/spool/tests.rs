@@ -298,3 +298,22 @@ fn a_spool_removed_before_delivery_is_still_delivered() {
     spool.commit(offset).unwrap();
     assert!(!spool.pending());
 }
+
+/// The lock is on the open file, which every copy of its descriptor shares: a process that
+/// is exiting, or a child this process is spawning (it holds a copy of every descriptor from
+/// its fork to its exec), keeps it a moment after the spool is closed. A start right then
+/// must wait for that moment, not fail.
+#[test]
+fn a_lock_held_for_a_moment_after_the_spool_closed_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+    let copy = spool._lock.try_clone().unwrap();
+    drop(spool);
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(copy);
+    });
+    let reopened = Spool::open(dir.path(), 1 << 20);
+    holder.join().unwrap();
+    reopened.expect("the spool was refused while its lock was being let go");
+}
