@@ -609,6 +609,31 @@ async fn redis_store_keeps_the_contract_and_leaves_no_dangling_index_entries() {
     assert_eq!(members, 7 * 4 + 5);
 }
 
+/// Replicas share the records, and each sweeps them with its own clock: one whose clock runs
+/// days ahead (a VM whose clock nobody keeps) deleted everyone's records before their time.
+/// Past retention by the store's clock, a record goes; within it, it stays.
+#[tokio::test]
+async fn a_replica_with_its_clock_ahead_expires_no_record_early() {
+    let redis = RedisServer::start().await;
+    let store = store::open(&redis.url(), "ficus:").await.unwrap();
+    let now = store::writer::now_ms();
+    let day = 24 * 3_600_000;
+    let young = record("orders", ms(now - 6 * day), "/total");
+    let old = record("orders", ms(now - 8 * day), "/total");
+    store.put(&[young.clone(), old.clone()]).await.unwrap();
+    let retention = Retention {
+        records_ms: 7 * day,
+        per_route_cap: 1000,
+    };
+    // This replica's clock is two days ahead.
+    assert_eq!(store.expire(retention, now + 2 * day).await.unwrap(), 1);
+    assert!(
+        store.get(&young.id).await.unwrap().is_some(),
+        "a record 6 days old was expired with a retention of 7 days"
+    );
+    assert!(store.get(&old.id).await.unwrap().is_none());
+}
+
 /// A claim (a replay in progress) is held by one replica at a time, released only by its own
 /// token, and expires by itself should its holder die.
 #[tokio::test]

@@ -763,6 +763,13 @@ impl Store for RedisStore {
 
     fn expire(&self, retention: Retention, now_ms: u64) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
+            // Every replica sweeps the records all of them share, each with its own clock: one
+            // whose clock runs ahead (days, on a VM whose clock nobody keeps) would delete
+            // everyone's records before their time. Redis's clock, one for all, bounds it; a
+            // replica whose clock is behind only keeps records a little longer.
+            let (secs, micros): (u64, u64) =
+                with_conn!(self, c => redis::cmd("TIME").query_async(&mut c).await?);
+            let now_ms = now_ms.min(secs.saturating_mul(1000) + micros / 1000);
             let all = self.key(&["idx", "all"]);
             let cutoff = format!(
                 "({}",
