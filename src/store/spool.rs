@@ -170,13 +170,15 @@ impl Spool {
         })
     }
 
-    /// Marks everything before `offset` as delivered; empties the spool once all is.
+    /// Marks everything before `offset` as delivered; empties the spool once all is. In this
+    /// run the records before `offset` are delivered even when this fails (it then failed to
+    /// make that durable: a restart delivers them again, which is harmless), so the caller
+    /// counts them either way.
     pub fn commit(&mut self, offset: u64) -> io::Result<()> {
         let offset = offset.min(self.len);
-        self.records =
-            self.records
-                .saturating_sub(count_lines_between(&self.path, self.offset, offset)?);
+        let delivered = count_lines_between(&self.path, self.offset, offset);
         self.offset = offset;
+        self.records = self.records.saturating_sub(delivered?);
         if self.offset == self.len || self.offset_is_torn_tail()? {
             // The offset file goes back to 0 before the file is emptied: a crash (or a failed
             // write) between the two then redelivers what was delivered, which is harmless,

@@ -437,32 +437,36 @@ impl Task {
             let spool = self.spool.clone();
             let committed = tokio::task::spawn_blocking(move || {
                 let mut spool = spool.lock().unwrap_or_else(PoisonError::into_inner);
-                spool.commit(offset).map(|()| spool.pending_bytes())
+                let committed = spool.commit(offset);
+                (committed, spool.pending_bytes())
             })
             .await;
-            match committed {
-                Ok(Ok(pending)) => {
-                    // Counted once they are behind the delivery offset, so never twice.
-                    self.drop_records(corrupt, "spool_corrupt");
-                    self.stats
-                        .delivered
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    self.stats
-                        .spool_pending_bytes
-                        .store(pending, Ordering::Relaxed);
-                    if pending == 0 {
-                        info!(
-                            delivered = self.stats.delivered.load(Ordering::Relaxed),
-                            "spool delivered; writing to the store again"
-                        );
-                        self.healthy = true;
-                        return;
-                    }
-                }
-                _ => {
-                    warn!("cannot record spool delivery progress");
-                    return;
-                }
+            let Ok((committed, pending)) = committed else {
+                warn!("spool task failed");
+                return;
+            };
+            // Counted once they are behind the delivery offset, so never twice in a run. They
+            // are behind it in memory even when the offset file could not be written (a full
+            // disk): this run never reads them again, so they are counted now, or never (a
+            // restart then reads them again, and counts a lost line once more).
+            self.drop_records(corrupt, "spool_corrupt");
+            self.stats
+                .delivered
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            self.stats
+                .spool_pending_bytes
+                .store(pending, Ordering::Relaxed);
+            if let Err(e) = committed {
+                warn!(error = %e, "cannot record spool delivery progress");
+                return;
+            }
+            if pending == 0 {
+                info!(
+                    delivered = self.stats.delivered.load(Ordering::Relaxed),
+                    "spool delivered; writing to the store again"
+                );
+                self.healthy = true;
+                return;
             }
         }
     }
