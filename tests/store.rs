@@ -634,6 +634,61 @@ async fn a_replica_with_its_clock_ahead_expires_no_record_early() {
     assert!(store.get(&old.id).await.unwrap().is_none());
 }
 
+/// A record this version cannot read (written by a newer ficus during a rolling upgrade: a
+/// state it does not know) made every retention sweep fail: the sweep read each record to
+/// find its index entries, and one it could not decode stopped the sweep, every minute, for
+/// good, so no record was ever expired again. Such a record is now deleted in its time, with
+/// the index entries it names, and the others with it.
+#[tokio::test]
+async fn a_record_this_version_cannot_read_does_not_stop_retention() {
+    let redis = RedisServer::start().await;
+    let store = store::open(&redis.url(), "ficus:").await.unwrap();
+    let now = store::writer::now_ms();
+    let day = 24 * 3_600_000;
+    let old = record("orders", ms(now - 9 * day), "/total");
+    let newer = record("orders", ms(now - 8 * day), "/total");
+    store.put(&[old.clone(), newer.clone()]).await.unwrap();
+    let port = redis.port.to_string();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // As a newer version would store it: a state this one has no name for.
+    let key = format!("ficus:rec:{}", newer.id);
+    let mut json: serde_json::Value = serde_json::from_str(&cli(&["GET", &key])).unwrap();
+    json["state"] = json!("snoozed");
+    cli(&["SET", &key, &json.to_string()]);
+    cli(&["ZREM", "ficus:idx:state:open", &newer.id]);
+    cli(&["ZADD", "ficus:idx:state:snoozed", "0", &newer.id]);
+    assert!(
+        store.get(&newer.id).await.is_err(),
+        "the record is readable"
+    );
+
+    let retention = Retention {
+        records_ms: 7 * day,
+        per_route_cap: 1000,
+    };
+    let gone = store
+        .expire(retention, now)
+        .await
+        .expect("a record this version cannot read stopped the sweep");
+    assert_eq!(gone, 2);
+    assert_eq!(cli(&["EXISTS", &key]), "0");
+    for index in [
+        "ficus:idx:all",
+        "ficus:idx:route:orders",
+        "ficus:idx:state:snoozed",
+        "ficus:idx:state:open",
+    ] {
+        assert_eq!(cli(&["ZCARD", index]), "0", "{index} keeps an entry");
+    }
+}
+
 /// A claim (a replay in progress) is held by one replica at a time, released only by its own
 /// token, and expires by itself should its holder die.
 #[tokio::test]

@@ -19,6 +19,7 @@
 
 use redis::aio::ConnectionLike;
 use redis::{AsyncCommands, Script};
+use tracing::warn;
 
 use super::{
     BoxFuture, CountDelta, Counts, Filter, GroupMark, Override, Page, RecordChange, Retention,
@@ -97,6 +98,31 @@ if current and current ~= ARGV[2] then return -1 end
 redis.call('DEL', KEYS[1])
 for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1";
+
+/// What deleting a record needs of it (its indexes, and whether it blocks a verdict), read
+/// leniently: a record this version cannot read as a [`Record`] (one a newer version wrote
+/// during a rolling upgrade, with a state this one does not know) must still go in its time;
+/// read strictly, it failed every retention sweep, every minute, so nothing expired again.
+#[derive(serde::Deserialize)]
+struct Stored {
+    id: String,
+    route: String,
+    state: String,
+    #[serde(default)]
+    class: Option<String>,
+    fingerprint: String,
+}
+
+impl Stored {
+    /// [`super::blocks_verdict`], for a state this version may not know (which blocks nothing).
+    fn blocks_verdict(&self) -> bool {
+        self.class.as_deref() == Some("defect")
+            && matches!(
+                State::parse(&self.state),
+                Some(State::Open | State::Acknowledged)
+            )
+    }
+}
 
 enum Conn {
     Single(redis::aio::ConnectionManager),
@@ -302,14 +328,32 @@ impl RedisStore {
     }
 
     fn keys_of(&self, r: &Record) -> Vec<String> {
+        self.index_keys(
+            &r.id,
+            &r.route,
+            r.state.as_str(),
+            &r.fingerprint,
+            r.class.as_deref(),
+        )
+    }
+
+    /// The record key, then every index of a record with these fields.
+    fn index_keys(
+        &self,
+        id: &str,
+        route: &str,
+        state: &str,
+        fingerprint: &str,
+        class: Option<&str>,
+    ) -> Vec<String> {
         let mut keys = vec![
-            self.rec(&r.id),
+            self.rec(id),
             self.key(&["idx", "all"]),
-            self.key(&["idx", "route", &r.route]),
-            self.state_key(r.state),
-            self.key(&["idx", "fp", &r.fingerprint]),
+            self.key(&["idx", "route", route]),
+            self.key(&["idx", "state", state]),
+            self.key(&["idx", "fp", fingerprint]),
         ];
-        if let Some(class) = &r.class {
+        if let Some(class) = class {
             keys.push(self.class_key(Some(class)));
         }
         keys
@@ -366,20 +410,56 @@ impl RedisStore {
         Ok(out)
     }
 
+    /// The records of `ids` that exist, each with its JSON as stored, read only for what
+    /// deleting them needs ([`Stored`]); `None` for a value not even that can be read.
+    async fn fetch_stored(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(String, Option<Stored>, String)>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.get(self.rec(id));
+        }
+        let values: Vec<Option<String>> = with_conn!(self, c => pipe.query_async(&mut c).await?);
+        let mut out = Vec::new();
+        for (id, v) in ids.iter().zip(values) {
+            if let Some(json) = v {
+                let stored = match serde_json::from_str::<Stored>(&json) {
+                    Ok(stored) => Some(stored),
+                    Err(e) => {
+                        warn!(id = %id, error = %e, "a stored record cannot be read, not even its indexes: retention leaves it");
+                        None
+                    }
+                };
+                out.push((id.clone(), stored, json));
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes a record with its index entries: those of the record as stored when the
     /// script runs (read again if another replica changed it since `json` was read), if
     /// `doomed` still selects it as stored then. Whether it was deleted.
     async fn delete_record(
         &self,
-        mut record: Record,
+        mut record: Stored,
         mut json: String,
-        doomed: fn(&Record) -> bool,
+        doomed: fn(&Stored) -> bool,
     ) -> Result<bool, StoreError> {
         for _ in 0..UPDATE_ATTEMPTS {
             if !doomed(&record) {
                 return Ok(false);
             }
-            let keys = self.keys_of(&record);
+            let keys = self.index_keys(
+                &record.id,
+                &record.route,
+                &record.state,
+                &record.fingerprint,
+                record.class.as_deref(),
+            );
             let args = [record.id.clone(), json];
             let done =
                 with_conn!(self, c => Self::run_script(&mut c, &self.delete, &keys, &args).await)?;
@@ -387,12 +467,12 @@ impl RedisStore {
                 return Ok(true);
             }
             match self
-                .fetch_raw(std::slice::from_ref(&record.id))
+                .fetch_stored(std::slice::from_ref(&record.id))
                 .await?
                 .pop()
             {
-                Some((fresh, fresh_json)) => (record, json) = (fresh, fresh_json),
-                None => return Ok(false),
+                Some((_, Some(fresh), fresh_json)) => (record, json) = (fresh, fresh_json),
+                _ => return Ok(false),
             }
         }
         Err(StoreError::Task(format!(
@@ -405,13 +485,14 @@ impl RedisStore {
     async fn delete_ids(
         &self,
         ids: &[String],
-        doomed: fn(&Record) -> bool,
+        doomed: fn(&Stored) -> bool,
     ) -> Result<u64, StoreError> {
-        let records = self.fetch_raw(ids).await?;
+        let records = self.fetch_stored(ids).await?;
         let found: std::collections::HashSet<String> =
-            records.iter().map(|(r, _)| r.id.clone()).collect();
+            records.iter().map(|(id, _, _)| id.clone()).collect();
         let mut n = 0;
-        for (record, json) in records {
+        for (_, record, json) in records {
+            let Some(record) = record else { continue };
             if self.delete_record(record, json, doomed).await? {
                 n += 1;
             }
@@ -432,7 +513,7 @@ impl RedisStore {
         &self,
         index: &str,
         to: &str,
-        doomed: fn(&Record) -> bool,
+        doomed: fn(&Stored) -> bool,
     ) -> Result<u64, StoreError> {
         let mut from = "-".to_string();
         let mut gone = 0;
@@ -777,7 +858,7 @@ impl Store for RedisStore {
             );
             // Unresolved defects stay (see `blocks_verdict`).
             let mut gone = self
-                .delete_range(&all, &cutoff, |r| !super::blocks_verdict(r))
+                .delete_range(&all, &cutoff, |r| !r.blocks_verdict())
                 .await?;
             let routes: Vec<String> =
                 with_conn!(self, c => c.smembers(self.key(&["routes"])).await?);
