@@ -1148,6 +1148,76 @@ mod pipeline_edges {
         );
     }
 
+    /// Records the writer's queue cannot take are dropped from the comparison task, on a
+    /// proxy worker: a warning per record there was a flood of synchronous writes to stderr
+    /// (thousands a second, just when the writer cannot keep up), on the request path. Every
+    /// drop is still logged, with how many, at most one line a second.
+    #[tokio::test]
+    async fn records_dropped_at_a_full_queue_are_logged_in_few_lines_that_add_up() {
+        use std::sync::Mutex;
+        use std::sync::atomic::Ordering;
+        #[derive(Clone, Default)]
+        struct Logs(Arc<Mutex<Vec<u8>>>);
+        impl Write for Logs {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logs = Logs::default();
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        // This test's runtime runs on this thread only, the writer task included.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("r.db").display());
+        let store = store::open(&url, "ficus:").await.unwrap();
+        let writer = Writer::start(
+            store,
+            WriterConfig {
+                queue: 1,
+                ..writer_config(dir.path())
+            },
+        )
+        .unwrap();
+        // Without a yield, the writer task cannot take any: one waits, 49 are dropped.
+        for i in 0..50 {
+            writer.record(record("orders", SystemTime::now(), &format!("/{i}")));
+        }
+        assert_eq!(writer.stats().dropped.load(Ordering::Relaxed), 49);
+        let logged = |logs: &Logs| -> Vec<u64> {
+            String::from_utf8_lossy(&logs.0.lock().unwrap())
+                .lines()
+                .filter(|l| l.contains("record queue full"))
+                .map(|l| {
+                    l.split("dropped=")
+                        .nth(1)
+                        .and_then(|n| n.split_whitespace().next())
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(1)
+                })
+                .collect()
+        };
+        assert!(
+            logged(&logs).len() <= 2,
+            "{} warning lines for 49 drops",
+            logged(&logs).len()
+        );
+        // The rest is said within a second or two, by the writer.
+        let all_said = eventually(Duration::from_secs(5), || async {
+            logged(&logs).iter().sum::<u64>() == 49
+        })
+        .await;
+        writer.close().await;
+        assert!(all_said, "the drops logged: {:?}", logged(&logs));
+    }
+
     fn writer_config(dir: &std::path::Path) -> WriterConfig {
         WriterConfig {
             spool_dir: dir.join("spool"),

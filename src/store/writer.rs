@@ -110,8 +110,43 @@ struct UnflushedCounts {
 
 const COUNTS_FILE: &str = "counts.json";
 
+/// Records dropped at a full queue, said in the log at most about once a second with how
+/// many: they are dropped from the comparison task, on a proxy worker, and a line per record
+/// there would be a flood of synchronous writes to stderr (thousands a second, just when the
+/// writer cannot keep up) on the request path.
+#[derive(Debug, Default)]
+struct QueueDrops {
+    unlogged: AtomicU64,
+    logged_at_ms: AtomicU64,
+}
+
+impl QueueDrops {
+    fn add(&self) {
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        let (now, last) = (now_ms(), self.logged_at_ms.load(Ordering::Relaxed));
+        if now.saturating_sub(last) >= 1000
+            && self
+                .logged_at_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.log();
+        }
+    }
+
+    /// Says how many records were dropped since the last line, if any (the writer calls it
+    /// every second, so that the last of a burst is said too).
+    fn log(&self) {
+        let n = self.unlogged.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            warn!(dropped = n, "record queue full: divergence records dropped");
+        }
+    }
+}
+
 /// Hands records and counts to the writer task. Cheap to call from any task.
 pub struct Writer {
+    queue_drops: Arc<QueueDrops>,
     tx: mpsc::Sender<Record>,
     counts: Arc<Pending>,
     stats: Arc<WriterStats>,
@@ -159,8 +194,10 @@ impl Writer {
             }
             None => (None, false),
         };
+        let queue_drops: Arc<QueueDrops> = Arc::default();
         let task = tokio::spawn(
             Task {
+                queue_drops: queue_drops.clone(),
                 store: store.clone(),
                 spool: Arc::new(Mutex::new(spool)),
                 counts: counts.clone(),
@@ -176,6 +213,7 @@ impl Writer {
             .run(rx, closed),
         );
         Ok(Arc::new(Writer {
+            queue_drops,
             tx,
             counts,
             stats,
@@ -219,7 +257,7 @@ impl Recorder for Writer {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(telemetry::STORE_DROPPED_TOTAL, "reason" => "queue_full")
                     .increment(1);
-                warn!("record queue full: a divergence record was dropped");
+                self.queue_drops.add();
             }
         }
     }
@@ -238,6 +276,7 @@ async fn closing(closed: &mut watch::Receiver<bool>) {
 }
 
 struct Task {
+    queue_drops: Arc<QueueDrops>,
     store: Arc<dyn Store>,
     spool: Arc<Mutex<Spool>>,
     counts: Arc<Pending>,
@@ -281,6 +320,7 @@ impl Task {
                     self.write(std::mem::take(&mut batch)).await;
                 }
                 _ = tick.tick() => {
+                    self.queue_drops.log();
                     self.flush_counts().await;
                     self.deliver_spool().await;
                     self.publish_gauges();
@@ -312,6 +352,7 @@ impl Task {
         self.stats.queued.store(0, Ordering::Relaxed);
         self.write(batch).await;
         self.flush_counts().await;
+        self.queue_drops.log();
     }
 
     fn publish_gauges(&self) {
