@@ -1148,33 +1148,67 @@ mod pipeline_edges {
         );
     }
 
+    /// The log lines of this thread, for tests on a current-thread runtime.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+            let logs = Logs::default();
+            let sink = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || sink.clone())
+                .with_ansi(false)
+                .finish();
+            (logs, tracing::subscriber::set_default(subscriber))
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    /// Counts kept next to the spool while the store was down (`counts.json`) that the next
+    /// start cannot read (left empty by a power cut: the file was renamed into place without
+    /// being synced) were dropped without a word: a whole outage's comparisons gone from
+    /// the readiness evidence, and nothing in the log to say so.
+    #[tokio::test]
+    async fn unreadable_counts_kept_next_to_the_spool_are_reported() {
+        let (logs, _guard) = Logs::capture();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("spool")).unwrap();
+        std::fs::write(dir.path().join("spool").join("counts.json"), "").unwrap();
+        let url = format!("sqlite:{}", dir.path().join("r.db").display());
+        let store = store::open(&url, "ficus:").await.unwrap();
+        let writer = Writer::start(store, writer_config(dir.path())).unwrap();
+        writer.close().await;
+        let text = logs.text();
+        assert!(
+            text.lines()
+                .any(|l| l.contains("WARN") && l.contains("counts.json")),
+            "nothing said: {text}"
+        );
+    }
+
     /// Records the writer's queue cannot take are dropped from the comparison task, on a
     /// proxy worker: a warning per record there was a flood of synchronous writes to stderr
     /// (thousands a second, just when the writer cannot keep up), on the request path. Every
     /// drop is still logged, with how many, at most one line a second.
     #[tokio::test]
     async fn records_dropped_at_a_full_queue_are_logged_in_few_lines_that_add_up() {
-        use std::sync::Mutex;
         use std::sync::atomic::Ordering;
-        #[derive(Clone, Default)]
-        struct Logs(Arc<Mutex<Vec<u8>>>);
-        impl Write for Logs {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let logs = Logs::default();
-        let sink = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || sink.clone())
-            .with_ansi(false)
-            .finish();
         // This test's runtime runs on this thread only, the writer task included.
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (logs, _guard) = Logs::capture();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("r.db").display());
         let store = store::open(&url, "ficus:").await.unwrap();
@@ -1192,7 +1226,7 @@ mod pipeline_edges {
         }
         assert_eq!(writer.stats().dropped.load(Ordering::Relaxed), 49);
         let logged = |logs: &Logs| -> Vec<u64> {
-            String::from_utf8_lossy(&logs.0.lock().unwrap())
+            logs.text()
                 .lines()
                 .filter(|l| l.contains("record queue full"))
                 .map(|l| {

@@ -179,9 +179,24 @@ impl Writer {
         // Counts an earlier run could not flush: the unsent ones join this run's, the one
         // flush that may or may not have reached the store is sent again as it was.
         let counts_path = config.spool_dir.join(COUNTS_FILE);
-        let unflushed: Option<UnflushedCounts> = std::fs::read(&counts_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        // One that cannot be read is said: those counts are lost from the evidence.
+        let unflushed: Option<UnflushedCounts> = match std::fs::read(&counts_path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            read => match read
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+            {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    warn!(
+                        path = %counts_path.display(),
+                        error = %e,
+                        "cannot read the counts an earlier run kept (counts.json): they are lost"
+                    );
+                    None
+                }
+            },
+        };
         let (retry, counts_persisted) = match unflushed {
             Some(u) => {
                 let mut pending = counts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -576,9 +591,15 @@ impl Task {
                 .collect(),
         };
         let tmp = self.counts_path.with_extension("tmp");
+        // Synced before it is renamed into place, as the spool is: after a power cut the
+        // file would otherwise be there, but empty.
         let written = serde_json::to_vec(&unflushed)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|bytes| {
+                let mut file = std::fs::File::create(&tmp)?;
+                std::io::Write::write_all(&mut file, &bytes)?;
+                file.sync_all()
+            })
             .and_then(|()| std::fs::rename(&tmp, &self.counts_path));
         match written {
             Ok(()) => self.counts_persisted = true,
