@@ -294,3 +294,70 @@ async fn a_rules_file_linked_from_another_directory_is_reloaded() {
         "polling reloads only what changed"
     );
 }
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A reload that removes or renames a route takes that route's series off `/metrics` at once:
+/// a dashboard must not keep drawing a route that no longer exists (nor a `by (route)` panel
+/// keep a row for it), and an override gauge of a removed route must not read "in force".
+/// The routes that stay keep their series, and a renamed route starts its own. (Here, not in
+/// tests/metrics.rs: a reload moves the process-wide reload counters that test expects at 0.)
+#[tokio::test]
+async fn series_of_a_route_removed_by_a_reload_leave_metrics() {
+    let legacy = Backend::start("legacy").await;
+    let new = Backend::start("new").await;
+    let both = "[[route]]\nname = \"m-stays\"\n[route.match]\npath_prefix = \"/stays/\"\n[route.shadow]\n\n[[route]]\nname = \"m-goes\"\n[route.match]\npath_prefix = \"/goes/\"\n[route.shadow]\n";
+    let proxy = TestProxy::start(both, legacy.url(), new.url()).await;
+    let c = client();
+    for path in ["/stays/1", "/goes/1"] {
+        assert_eq!(c.get(proxy.url(path)).send().await.unwrap().status(), 200);
+    }
+    let series_of = |text: &str, route: &str| -> Vec<String> {
+        let label = format!("route=\"{route}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&label))
+            .map(str::to_string)
+            .collect()
+    };
+    let text = proxy.metrics().await;
+    assert!(!series_of(&text, "m-goes").is_empty(), "{text}");
+    assert!(!series_of(&text, "m-stays").is_empty(), "{text}");
+
+    // `m-goes` is renamed `m-renamed`.
+    proxy.replace_rules(&both.replace("m-goes", "m-renamed"));
+    proxy.ficus.reload().unwrap();
+    let text = proxy.metrics().await;
+    assert_eq!(series_of(&text, "m-goes"), Vec::<String>::new(), "{text}");
+    assert!(
+        value(
+            &text,
+            r#"ficus_requests_total{route="m-stays",authority="legacy",status="2xx"}"#
+        ) == Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        c.get(proxy.url("/goes/2")).send().await.unwrap().status(),
+        200
+    );
+    let text = proxy.metrics().await;
+    assert_eq!(
+        value(
+            &text,
+            r#"ficus_requests_total{route="m-renamed",authority="legacy",status="2xx"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(series_of(&text, "m-goes"), Vec::<String>::new(), "{text}");
+    // The exposition stays well formed for Prometheus: no sample line was cut.
+    assert!(
+        text.lines()
+            .all(|l| l.is_empty() || l.starts_with('#') || l.split(' ').count() == 2),
+        "{text}"
+    );
+}

@@ -351,11 +351,21 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 
 async fn metrics_text(State(state): State<Arc<AdminState>>) -> Response {
     match &state.metrics {
-        Some(handle) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            // Only the routes of the rules in force: see `without_removed_routes`.
+            let live = state.proxy.live();
+            let rules = &live.rules;
+            let routes: std::collections::HashSet<&str> = rules
+                .routes
+                .iter()
+                .chain(std::iter::once(&rules.default_route))
+                .map(|r| &*r.name)
+                .collect();
+            let text = crate::telemetry::exporter::without_removed_routes(&handle.render(), |r| {
+                routes.contains(r)
+            });
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+        }
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "metrics_unavailable",

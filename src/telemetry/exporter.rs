@@ -116,3 +116,90 @@ fn describe() {
         "1 while an emergency override is in force on a route."
     );
 }
+
+/// The exposition `text` without the samples whose `route` label names a route that
+/// `exists` refuses. The recorder keeps every series it ever made (it cannot delete one), so a
+/// route removed or renamed by a reload would otherwise be exported for as long as the
+/// process runs: a dashboard row, a `by (route)` ratio, an override gauge still at 1 for a
+/// route that no longer exists. Left out here, its series go stale in Prometheus at the next
+/// scrape. Should the route come back, its counters go on from where they were: they were
+/// never reset, only hidden, so `rate()` across the gap stays right.
+pub fn without_removed_routes(text: &str, exists: impl Fn(&str) -> bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if route_label(line).is_some_and(|route| !exists(route)) {
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// The value of the `route` label of one sample line (`name{a="x",route="y"} 1`), if it has
+/// one. Label values are scanned with their escapes (`\"`, `\\`), so that a `route="..."`
+/// inside another label's value (a divergent field's path comes from a response body) is
+/// never taken for the label.
+fn route_label(line: &str) -> Option<&str> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let open = line.find(['{', ' '])?;
+    let mut rest = line.get(open..)?.strip_prefix('{')?;
+    loop {
+        let (name, after) = rest.split_once("=\"")?;
+        let bytes = after.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() && bytes[i] != b'"' {
+            i += if bytes[i] == b'\\' { 2 } else { 1 };
+        }
+        if i >= bytes.len() {
+            return None;
+        }
+        let value = after.get(..i)?;
+        if name == "route" {
+            return Some(value);
+        }
+        rest = after.get(i + 1..)?;
+        rest = rest.strip_prefix(',')?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_route_label_is_found_whatever_its_place_and_never_inside_another_value() {
+        for (line, want) in [
+            (
+                r#"ficus_requests_total{route="a",authority="legacy"} 1"#,
+                Some("a"),
+            ),
+            (
+                r#"ficus_x_bucket{side="new",route="b.c",le="0.5"} 3"#,
+                Some("b.c"),
+            ),
+            (
+                r#"ficus_x{path="/k\",route=\"evil",route="real"} 1"#,
+                Some("real"),
+            ),
+            (r#"ficus_x{path="\\",route="d"} 1"#, Some("d")),
+            (r#"ficus_x{path="route=\"e\""} 1"#, None),
+            ("ficus_store_queue_depth 0", None),
+            (r#"ficus_build_info{version="0.1.0"} 1"#, None),
+            (r#"# HELP ficus_route_override route="f""#, None),
+            (r#"ficus_x{route="unterminated"#, None),
+        ] {
+            assert_eq!(route_label(line), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn only_the_samples_of_removed_routes_are_left_out() {
+        let text = "# HELP a A.\n# TYPE a counter\na{route=\"kept\"} 1\na{route=\"gone\"} 2\nb 3\n";
+        assert_eq!(
+            without_removed_routes(text, |r| r == "kept"),
+            "# HELP a A.\n# TYPE a counter\na{route=\"kept\"} 1\nb 3\n"
+        );
+    }
+}
