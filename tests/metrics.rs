@@ -204,3 +204,85 @@ async fn reload_and_drop_counters_are_exported_at_zero_before_the_first_event() 
         assert_eq!(value(&text, series), Some(0.0), "{series} in\n{text}");
     }
 }
+
+/// Noise probes (`shadow.noise_probe`: legacy asked a second time to learn noisy fields) are
+/// ficus's own extra calls, not traffic: counted with legacy's upstream calls, they inflated
+/// its request rate and bent its latency percentiles on the dashboards (the legacy-vs-new
+/// panel compared legacy with a tail of probes against new without). They have metrics of
+/// their own, and legacy's series count only the calls that served or shadowed a request.
+#[tokio::test]
+async fn noise_probes_are_not_counted_as_legacy_traffic() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = calls.clone();
+    let legacy = Backend::with_handler("legacy", move |req| {
+        let n = seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            // The probe of `/p/slow` outlasts the shadow timeout.
+            if req.headers().contains_key("x-ficus-shadow") && req.uri().path().ends_with("slow") {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(json!({"n": n, "price": 1}).to_string()))
+                .unwrap()
+        }
+    })
+    .await;
+    let new = Backend::with_handler("new", |_req| async {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(full(json!({"n": 0, "price": 2}).to_string()))
+            .unwrap()
+    })
+    .await;
+    let rules =
+        "[[route]]\nname = \"m-probed\"\n[route.shadow]\nnoise_probe = 1.0\ntimeout = \"500ms\"\n";
+    // The store and the spool out of the rules directory: this test outlasts the watcher's
+    // settle time after its records are written, and a reload they set off would move the
+    // reload counters that another test of this binary expects at 0.
+    let data = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start_with(rules, legacy.url(), new.url(), |config| {
+        config.store = format!("sqlite:{}", data.path().join("records.db").display());
+        config.writer.spool_dir = data.path().join("spool");
+    })
+    .await;
+    let c = client();
+    for path in ["/p/1", "/p/2", "/p/slow"] {
+        assert_eq!(c.get(proxy.url(path)).send().await.unwrap().status(), 200);
+    }
+    // Each outcome is counted once its probe has ended. One rendering reads the series one
+    // after the other while the last exchange may be counting: the page after the one that
+    // shows the three outcomes holds everything counted before them.
+    for _ in 0..200 {
+        let text = proxy.metrics().await;
+        if value(
+            &text,
+            r#"ficus_shadow_total{route="m-probed",outcome="compared"}"#,
+        ) == Some(3.0)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let text = proxy.metrics().await;
+    assert_eq!(legacy.count(), 6, "three requests and three probes");
+    let expect = |series: &str, want: Option<f64>| {
+        assert_eq!(value(&text, series), want, "{series} in\n{text}");
+    };
+    expect(
+        r#"ficus_upstream_duration_seconds_count{route="m-probed",side="legacy"}"#,
+        Some(3.0),
+    );
+    expect(
+        r#"ficus_upstream_errors_total{route="m-probed",side="legacy",kind="timeout"}"#,
+        None,
+    );
+    expect(
+        r#"ficus_noise_probe_duration_seconds_count{route="m-probed"}"#,
+        Some(2.0),
+    );
+    expect(
+        r#"ficus_noise_probe_errors_total{route="m-probed",kind="timeout"}"#,
+        Some(1.0),
+    );
+}

@@ -203,6 +203,8 @@ pub struct RouteCounters {
     shadow_duration: [Histogram; 2],
     /// `ficus_status_pairs_total` by legacy and new status class, made on first use.
     status_pairs: [[OnceLock<Counter>; 5]; 5],
+    /// `ficus_noise_probe_duration_seconds`, made on the route's first probe.
+    noise_probe_duration: OnceLock<Histogram>,
 }
 
 impl RouteCounters {
@@ -223,6 +225,7 @@ impl RouteCounters {
                 metrics::histogram!(telemetry::UPSTREAM_DURATION_SECONDS, "route" => route.clone(), "side" => side.as_str())
             }),
             status_pairs: Default::default(),
+            noise_probe_duration: OnceLock::new(),
         }
     }
 
@@ -646,7 +649,7 @@ impl Shadower {
         // The shadow call starts now, concurrently with the authority's response.
         let shadow = self.call(
             route,
-            route.authority.other(),
+            Call::Shadow(route.authority.other()),
             &route.shadow,
             head,
             body.clone(),
@@ -801,7 +804,7 @@ impl Shadower {
     async fn call(
         &self,
         route: &RouteContext,
-        side: Side,
+        purpose: Call,
         upstream: &Upstream,
         head: &MirroredHead,
         body: Bytes,
@@ -824,12 +827,25 @@ impl Shadower {
                 .insert(self.settings.header.clone(), HeaderValue::from_static("1"));
             let resp = upstream.request(req).await.map_err(|e| {
                 debug!(error = %e, upstream = %upstream.name, "shadow request failed");
-                let kind = if e.is_connect() { "connect" } else { "upstream" };
-                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => route.name.clone(), "side" => side.as_str(), "kind" => kind)
-                    .increment(1);
+                let kind = if e.is_connect() {
+                    "connect"
+                } else {
+                    "upstream"
+                };
+                purpose.count_error(&route.name, kind);
                 Outcome::ShadowError
             })?;
-            route.counters.shadow_duration[side.index()].record(started.elapsed().as_secs_f64());
+            let to_head = started.elapsed().as_secs_f64();
+            match purpose {
+                Call::Shadow(side) => route.counters.shadow_duration[side.index()].record(to_head),
+                Call::NoiseProbe => route
+                    .counters
+                    .noise_probe_duration
+                    .get_or_init(|| {
+                        metrics::histogram!(telemetry::NOISE_PROBE_DURATION_SECONDS, "route" => route.name.clone())
+                    })
+                    .record(to_head),
+            }
             let (parts, mut body) = resp.into_parts();
             // The authority's answer is captured as the client gets it, after ficus's own edits
             // (hop-by-hop fields out, `Via` and `x-request-id` in, lengths repaired): this one
@@ -860,8 +876,7 @@ impl Shadower {
         match tokio::time::timeout(route.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => {
-                metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => route.name.clone(), "side" => side.as_str(), "kind" => "timeout")
-                    .increment(1);
+                purpose.count_error(&route.name, "timeout");
                 Err(Outcome::ShadowTimeout)
             }
         }
@@ -964,7 +979,7 @@ impl Shadower {
         let Ok(again) = self
             .call(
                 route,
-                Side::Legacy,
+                Call::NoiseProbe,
                 &route.legacy,
                 head,
                 body.clone(),
@@ -1032,6 +1047,28 @@ impl Shadower {
             Difference::Body(b) => b.path().is_none_or(|p| !self.noise.is_noisy(route, p)),
             _ => true,
         })
+    }
+}
+
+/// What a call of [`Shadower::call`] is for, which decides the metrics it counts in.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    /// The mirrored request, to the side that is not the authority.
+    Shadow(Side),
+    /// Legacy asked a second time to learn noisy fields: ficus's own extra call, kept out of
+    /// legacy's upstream metrics, which would otherwise count it as traffic (a higher request
+    /// rate, latency percentiles bent by a tail of probes the new side never gets).
+    NoiseProbe,
+}
+
+impl Call {
+    fn count_error(self, route: &Arc<str>, kind: &'static str) {
+        match self {
+            Call::Shadow(side) => metrics::counter!(telemetry::UPSTREAM_ERRORS_TOTAL, "route" => route.clone(), "side" => side.as_str(), "kind" => kind)
+                .increment(1),
+            Call::NoiseProbe => metrics::counter!(telemetry::NOISE_PROBE_ERRORS_TOTAL, "route" => route.clone(), "kind" => kind)
+                .increment(1),
+        }
     }
 }
 

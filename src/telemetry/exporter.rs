@@ -67,6 +67,15 @@ fn describe() {
         UPSTREAM_ERRORS_TOTAL,
         "Failed upstream calls by route, side and kind."
     );
+    describe_histogram!(
+        NOISE_PROBE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to legacy's response head of noise probes (not traffic), by route."
+    );
+    describe_counter!(
+        NOISE_PROBE_ERRORS_TOTAL,
+        "Failed noise probes by route and kind."
+    );
     describe_counter!(
         REQUESTS_REJECTED_TOTAL,
         "Requests refused before reaching any upstream, by reason."

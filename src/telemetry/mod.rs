@@ -14,6 +14,11 @@ pub const REQUEST_DURATION_SECONDS: &str = "ficus_request_duration_seconds";
 pub const UPSTREAM_DURATION_SECONDS: &str = "ficus_upstream_duration_seconds";
 /// `ficus_upstream_errors_total{route, side, kind}`.
 pub const UPSTREAM_ERRORS_TOTAL: &str = "ficus_upstream_errors_total";
+/// `ficus_noise_probe_duration_seconds{route}`: noise probes (legacy asked again), to the
+/// response head. Kept out of `ficus_upstream_duration_seconds`: they are not traffic.
+pub const NOISE_PROBE_DURATION_SECONDS: &str = "ficus_noise_probe_duration_seconds";
+/// `ficus_noise_probe_errors_total{route, kind}`: failed noise probes.
+pub const NOISE_PROBE_ERRORS_TOTAL: &str = "ficus_noise_probe_errors_total";
 /// `ficus_status_pairs_total{route, legacy, new}` (status classes).
 pub const STATUS_PAIRS_TOTAL: &str = "ficus_status_pairs_total";
 /// `ficus_divergences_total{route, class}`.
