@@ -2353,14 +2353,15 @@ async fn a_replay_that_only_matches_on_a_refusal_resolves_nothing() {
     assert_eq!(stored.state, ficus::record::State::Open);
 }
 
-/// A second replay of a record sent while the first still waits on the upstreams (a double
-/// click, a script retrying after its own timeout) must not send the request again: for a
-/// write, that is one more write on each side.
-#[tokio::test]
-async fn a_record_is_not_replayed_twice_at_once() {
+/// A new side that holds every replayed request until `release` gets permits, counting them
+/// in `replays`; other requests it answers at once, diverging from `diverging("legacy", 1)`.
+async fn held_new_side() -> (
+    Backend,
+    std::sync::Arc<tokio::sync::Semaphore>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let legacy = diverging("legacy", 1).await;
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let replays = Arc::new(AtomicUsize::new(0));
     let (gate, seen) = (release.clone(), replays.clone());
@@ -2379,21 +2380,30 @@ async fn a_record_is_not_replayed_twice_at_once() {
         }
     })
     .await;
-    let rules = "[[route]]\nname = \"replay-once\"\n[route.shadow]\nwrites = true\n";
-    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    (new, release, replays)
+}
+
+/// Records one write through `first`, replays it there (the new side holds it), and while it
+/// waits replays it through `second`'s admin API, alone and as part of its group: both are
+/// refused at once with `replay_in_progress`, and nothing goes out again. Returns the replay
+/// path and the first replay, still waiting for `release`.
+async fn a_second_replay_is_refused_while_the_first_waits(
+    first: &TestProxy,
+    second: &TestProxy,
+    legacy: &Backend,
+    replays: &std::sync::atomic::AtomicUsize,
+) -> (String, tokio::task::JoinHandle<http::StatusCode>) {
+    use std::sync::atomic::Ordering;
     let c = client();
-    c.post(proxy.url("/api/payments"))
+    c.post(first.url("/api/payments"))
         .body("{\"amount\": 10}")
         .send()
         .await
         .unwrap();
-    let record = proxy.wait_records(1).await.remove(0);
-    let url = proxy.admin_url(&format!(
-        "/api/divergences/{}/replay?allow_writes=true",
-        record.id
-    ));
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
+    let record = first.wait_records(1).await.remove(0);
+    let path = format!("/api/divergences/{}/replay?allow_writes=true", record.id);
+    let pending = tokio::spawn({
+        let (c, url) = (c.clone(), first.admin_url(&path));
         async move { c.post(url).send().await.unwrap().status() }
     });
     assert!(
@@ -2405,16 +2415,19 @@ async fn a_record_is_not_replayed_twice_at_once() {
     );
     let legacy_calls = legacy.count();
     // Refused at once; sent to the upstreams, it would wait on the held new side.
-    let second = tokio::time::timeout(std::time::Duration::from_secs(10), c.post(&url).send())
-        .await
-        .expect("the second replay went out too: it waits on the upstream")
-        .unwrap();
-    assert_eq!(second.status(), 409);
-    let body: Value = second.json().await.unwrap();
+    let again = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.post(second.admin_url(&path)).send(),
+    )
+    .await
+    .expect("the second replay went out too: it waits on the upstream")
+    .unwrap();
+    assert_eq!(again.status(), 409);
+    let body: Value = again.json().await.unwrap();
     assert_eq!(body["error"], "replay_in_progress", "{body}");
     assert!(body.get("sent").is_none(), "{body}");
     let group: Value = c
-        .post(proxy.admin_url(&format!(
+        .post(second.admin_url(&format!(
             "/api/groups/{}/replay?allow_writes=true",
             record.fingerprint
         )))
@@ -2434,11 +2447,25 @@ async fn a_record_is_not_replayed_twice_at_once() {
         1,
         "the write went out again"
     );
+    (path, pending)
+}
 
+/// A second replay of a record sent while the first still waits on the upstreams (a double
+/// click, a script retrying after its own timeout) must not send the request again: for a
+/// write, that is one more write on each side.
+#[tokio::test]
+async fn a_record_is_not_replayed_twice_at_once() {
+    let legacy = diverging("legacy", 1).await;
+    let (new, release, replays) = held_new_side().await;
+    let rules = "[[route]]\nname = \"replay-once\"\n[route.shadow]\nwrites = true\n";
+    let proxy = TestProxy::start(rules, legacy.url(), new.url()).await;
+    let (path, first) =
+        a_second_replay_is_refused_while_the_first_waits(&proxy, &proxy, &legacy, &replays).await;
     release.add_permits(10);
     assert_eq!(first.await.unwrap(), 200);
     // Once it has answered, the record can be replayed again.
-    assert_eq!(c.post(&url).send().await.unwrap().status(), 200);
+    let again = client().post(proxy.admin_url(&path)).send().await.unwrap();
+    assert_eq!(again.status(), 200);
 }
 
 /// Replicas share one Redis, and a replay can be sent to any of them (a load balancer in
@@ -2446,28 +2473,10 @@ async fn a_record_is_not_replayed_twice_at_once() {
 /// one record at once must hold across replicas, not only on the one that took the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_is_not_replayed_twice_at_once_across_replicas() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     let redis = support::RedisServer::start().await;
     let legacy = diverging("legacy", 1).await;
-    let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let replays = Arc::new(AtomicUsize::new(0));
-    let (gate, seen) = (release.clone(), replays.clone());
-    let new = Backend::with_handler("new", move |req| {
-        let replay = req.headers().contains_key("x-ficus-replay");
-        let (gate, seen) = (gate.clone(), seen.clone());
-        async move {
-            if replay {
-                seen.fetch_add(1, Ordering::SeqCst);
-                let _permit = gate.acquire().await.unwrap();
-            }
-            Response::builder()
-                .header("content-type", "application/json")
-                .body(full(json!({"total": 2}).to_string()))
-                .unwrap()
-        }
-    })
-    .await;
+    let (new, release, replays) = held_new_side().await;
     let rules = "[[route]]\nname = \"replay-fleet\"\n[route.shadow]\nwrites = true\n";
     let start = |name: &'static str| {
         let (url, l, n) = (redis.url(), legacy.url(), new.url());
@@ -2481,64 +2490,12 @@ async fn a_record_is_not_replayed_twice_at_once_across_replicas() {
     };
     let a = start("replica-a").await;
     let b = start("replica-b").await;
-    let c = client();
-    c.post(a.url("/api/payments"))
-        .body("{\"amount\": 10}")
-        .send()
-        .await
-        .unwrap();
-    let record = a.wait_records(1).await.remove(0);
-    let path = format!("/api/divergences/{}/replay?allow_writes=true", record.id);
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), a.admin_url(&path));
-        async move { c.post(url).send().await.unwrap().status() }
-    });
-    assert!(
-        support::eventually(std::time::Duration::from_secs(10), || async {
-            replays.load(Ordering::SeqCst) == 1
-        })
-        .await,
-        "the first replay never reached the new side"
-    );
-    let legacy_calls = legacy.count();
-    // The other replica refuses at once; sent to the upstreams, it would wait on the held
-    // new side.
-    let second = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        c.post(b.admin_url(&path)).send(),
-    )
-    .await
-    .expect("the second replay went out too: it waits on the upstream")
-    .unwrap();
-    assert_eq!(second.status(), 409);
-    let body: Value = second.json().await.unwrap();
-    assert_eq!(body["error"], "replay_in_progress", "{body}");
-    assert!(body.get("sent").is_none(), "{body}");
-    let group: Value = c
-        .post(b.admin_url(&format!(
-            "/api/groups/{}/replay?allow_writes=true",
-            record.fingerprint
-        )))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        group["results"][0]["error"], "replay_in_progress",
-        "{group}"
-    );
-    assert_eq!(legacy.count(), legacy_calls, "the write went out again");
-    assert_eq!(
-        replays.load(Ordering::SeqCst),
-        1,
-        "the write went out again"
-    );
-
+    let (path, first) =
+        a_second_replay_is_refused_while_the_first_waits(&a, &b, &legacy, &replays).await;
     release.add_permits(10);
     assert_eq!(first.await.unwrap(), 200);
     // Once the first has answered, the claim is released: the other replica may replay.
+    let c = client();
     assert!(
         support::eventually(std::time::Duration::from_secs(10), || async {
             c.post(b.admin_url(&path)).send().await.unwrap().status() == 200

@@ -5,14 +5,7 @@ mod support;
 
 use http::Response;
 use serde_json::json;
-use support::{Backend, TestProxy, client, dead_addr, full};
-
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
+use support::{Backend, TestProxy, client, dead_addr, full, metric_value};
 
 #[tokio::test]
 async fn metrics_expose_traffic_shadow_outcomes_and_divergences() {
@@ -65,7 +58,7 @@ async fn metrics_expose_traffic_shadow_outcomes_and_divergences() {
         let resp = c.get(proxy.admin_url("/metrics")).send().await.unwrap();
         assert_eq!(resp.headers()["content-type"], "text/plain; version=0.0.4");
         text = resp.text().await.unwrap();
-        if value(
+        if metric_value(
             &text,
             r#"ficus_divergences_total{route="m-orders",class="unclassified"}"#,
         ) == Some(3.0)
@@ -77,7 +70,11 @@ async fn metrics_expose_traffic_shadow_outcomes_and_divergences() {
     }
     assert!(complete, "{text}");
     let expect = |series: &str, want: f64| {
-        assert_eq!(value(&text, series), Some(want), "{series} in\n{text}");
+        assert_eq!(
+            metric_value(&text, series),
+            Some(want),
+            "{series} in\n{text}"
+        );
     };
     expect(
         r#"ficus_requests_total{route="m-orders",authority="legacy",status="2xx"}"#,
@@ -133,7 +130,10 @@ async fn metrics_expose_traffic_shadow_outcomes_and_divergences() {
         3.0,
     );
     // A gauge shared with the other test of this binary, which may have shadows in flight.
-    assert!(value(&text, "ficus_shadow_inflight").is_some(), "{text}");
+    assert!(
+        metric_value(&text, "ficus_shadow_inflight").is_some(),
+        "{text}"
+    );
     expect(r#"ficus_build_info{version="0.1.0"}"#, 1.0);
     assert!(text.contains(r#"ficus_request_duration_seconds_bucket{route="m-orders",authority="legacy",le="0.0005"}"#), "{text}");
     assert!(text.contains("# TYPE ficus_requests_total counter"));
@@ -176,7 +176,7 @@ async fn divergent_field_labels_stay_bounded() {
         .collect();
     assert_eq!(series.len(), 101, "100 paths and _other");
     assert_eq!(
-        value(
+        metric_value(
             &text,
             r#"ficus_divergent_fields_total{route="m-cardinality",path="_other"}"#
         ),
@@ -201,7 +201,11 @@ async fn reload_and_drop_counters_are_exported_at_zero_before_the_first_event() 
         r#"ficus_store_dropped_total{reason="spool_error"}"#,
         r#"ficus_store_dropped_total{reason="spool_corrupt"}"#,
     ] {
-        assert_eq!(value(&text, series), Some(0.0), "{series} in\n{text}");
+        assert_eq!(
+            metric_value(&text, series),
+            Some(0.0),
+            "{series} in\n{text}"
+        );
     }
 }
 
@@ -255,7 +259,7 @@ async fn noise_probes_are_not_counted_as_legacy_traffic() {
     // shows the three outcomes holds everything counted before them.
     for _ in 0..200 {
         let text = proxy.metrics().await;
-        if value(
+        if metric_value(
             &text,
             r#"ficus_shadow_total{route="m-probed",outcome="compared"}"#,
         ) == Some(3.0)
@@ -267,7 +271,7 @@ async fn noise_probes_are_not_counted_as_legacy_traffic() {
     let text = proxy.metrics().await;
     assert_eq!(legacy.count(), 6, "three requests and three probes");
     let expect = |series: &str, want: Option<f64>| {
-        assert_eq!(value(&text, series), want, "{series} in\n{text}");
+        assert_eq!(metric_value(&text, series), want, "{series} in\n{text}");
     };
     expect(
         r#"ficus_upstream_duration_seconds_count{route="m-probed",side="legacy"}"#,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::{Backend, TestProxy, backend_of, client, eventually};
+use support::{Backend, TestProxy, backend_of, client, eventually, metric_value};
 
 fn rules_to(side: &str) -> String {
     format!(
@@ -295,13 +295,6 @@ async fn a_rules_file_linked_from_another_directory_is_reloaded() {
     );
 }
 
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// A reload that removes or renames a route takes that route's series off `/metrics` at once:
 /// a dashboard must not keep drawing a route that no longer exists (nor a `by (route)` panel
 /// keep a row for it), and an override gauge of a removed route must not read "in force".
@@ -334,7 +327,7 @@ async fn series_of_a_route_removed_by_a_reload_leave_metrics() {
     let text = proxy.metrics().await;
     assert_eq!(series_of(&text, "m-goes"), Vec::<String>::new(), "{text}");
     assert!(
-        value(
+        metric_value(
             &text,
             r#"ficus_requests_total{route="m-stays",authority="legacy",status="2xx"}"#
         ) == Some(1.0),
@@ -346,7 +339,7 @@ async fn series_of_a_route_removed_by_a_reload_leave_metrics() {
     );
     let text = proxy.metrics().await;
     assert_eq!(
-        value(
+        metric_value(
             &text,
             r#"ficus_requests_total{route="m-renamed",authority="legacy",status="2xx"}"#
         ),

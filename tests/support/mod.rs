@@ -362,6 +362,15 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
+/// The value of the sample `series` (name and labels, exactly as exported) in a `/metrics`
+/// page, if it is there.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
